@@ -1,0 +1,291 @@
+"""`gradscope correlate`: per-pair rewards, proxies and full gradient norms -> tables, stats, Figure 8."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import __version__
+from . import tables as T
+from .data import SAMPLE_MODES, EncodedPair, FieldNames, PairEncoder, collate, load_pairs
+from .errors import GradscopeError
+from .gradients import ENGINES, PairGrads, block_of, block_order, get_engine
+from .model import ALIASES, DEFAULT_MODEL, DTYPES, LoadedModel, load_model, pad_token_id
+from .proxies import PROXIES
+from .stats import by_category, by_reward_diff_bin, correlations
+
+PARTIAL_DIR = ".partial"
+
+
+def opt(default, help: str, **kw):
+    """A config field with its help text, written once (the CLI reads it)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class CorrelateConfig:
+    """Options of `gradscope correlate` (the CLI is generated from these fields)."""
+
+    model: str = opt(DEFAULT_MODEL, "Backbone: an alias (" + ", ".join(f"{k}: {v.description}" for k, v in
+                     ALIASES.items()) + "), a local HF folder or gradscope checkpoint, a .gguf file, "
+                     "or a hub id.")
+    data: str = opt("demo", "Preference pairs: 'demo' (built-in demo set, 64 pairs), a local "
+                    ".jsonl/.json/.parquet/.csv file, or a hub dataset id.")
+    out: str = opt("results/correlate", "Output directory (pairs.parquet, grad_blocks.parquet, "
+                   "summary.json, fig8.png).")
+    engine: str = opt("vmap", "Gradient engine: " + ", ".join(sorted(ENGINES)) +
+                      " (loop: one backward per pair, the reference).", choices=sorted(ENGINES))
+    dtype: str = opt("float32", "Model dtype for the computation.", choices=sorted(DTYPES))
+    batch_size: int = opt(8, "Pairs per batch (one part file each; the unit of --resume).")
+    chunk_size: int = opt(2, "Pairs per vmap chunk (memory ≈ chunk × parameters).")
+    max_length: int = opt(1024, "Tokens kept per side (prompt+response); longer sides are cut at the "
+                          "end and flagged in the 'truncated' column.")
+    limit: int | None = opt(None, "Keep only N pairs (a quick look at a large set); see --sample.")
+    sample: str = opt("first", "Which N pairs --limit keeps: the first N, or N spread evenly over "
+                      "categories.", choices=list(SAMPLE_MODES))
+    split: str = opt("train", "Split, for hub dataset ids.")
+    prompt_field: str = opt("prompt", "Row field holding the prompt (string or list of messages).")
+    chosen_field: str = opt("chosen", "Row field holding the chosen response.")
+    rejected_field: str = opt("rejected", "Row field holding the rejected response.")
+    id_field: str = opt("id", "Row field holding the pair id (default: the row index).")
+    subset_field: str = opt("subset", "Row field holding the subset name.")
+    category_field: str = opt("category", "Row field holding the category (default: from the "
+                              "subset via RewardBench's sections, else 'all').")
+    chat_template: bool = opt(True, "Apply the tokenizer's chat template when it has one.")
+    padding_side: str = opt("right", "Pad side within a batch (results do not depend on it).",
+                            choices=["right", "left"])
+    seed: int = opt(0, "Seed of the fresh head (ignored for checkpoints with a trained head) and of "
+                    "the bootstrap.")
+    n_bins: int = opt(5, "Quantile bins of reward_diff for by_reward_diff_bin.")
+    n_boot: int = opt(2000, "Bootstrap resamples for the Pearson 95%% interval.")
+    resume: bool = opt(False, "Continue an interrupted run in --out after its last finished batch.")
+    trust_remote_code: bool = opt(False, "Allow model code from the model's repository (off: "
+                                  "untrusted code never runs).")
+    revision: str | None = opt(None, "Hub revision of the model.")
+    threads: int | None = opt(None, "torch CPU threads (default: torch's choice).")
+    progress: bool = opt(True, "Show a progress bar.")
+
+    def fields(self) -> FieldNames:
+        return FieldNames(prompt=self.prompt_field, chosen=self.chosen_field, rejected=self.rejected_field,
+                          id=self.id_field, subset=self.subset_field, category=self.category_field)
+
+    def validate(self) -> None:
+        for name in ("batch_size", "chunk_size", "max_length", "n_bins"):
+            if getattr(self, name) < 1:
+                raise GradscopeError(f"--{name.replace('_', '-')} must be at least 1")
+        get_engine(self.engine)
+        if self.dtype not in DTYPES:
+            raise GradscopeError(f"unknown dtype {self.dtype!r}; known: {', '.join(sorted(DTYPES))}")
+
+    def identity(self) -> dict:
+        """The options that decide the numbers (a resumed run must match them)."""
+        skip = {"out", "resume", "progress", "threads", "batch_size", "chunk_size", "padding_side",
+                "engine", "n_bins", "n_boot"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"gradscope": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "transformers", "numpy", "pandas", "scipy", "pyarrow"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+# ------------------------------------------------------------------------------------- per batch
+
+
+def batch_rows(enc: list[EncodedPair], g: PairGrads) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Turn one engine result into pairs rows and long-format block rows."""
+    blocks = [block_of(n) for n in g.names]
+    order = block_order(blocks)
+    M = torch.zeros(len(g.names), len(order), dtype=torch.float64)  # (P, K) parameter -> block
+    for p, b in enumerate(blocks):
+        M[p, order.index(b)] = 1.0
+    block_sq = g.sq_norms.double() @ M  # (B, K)
+    head = order.index("head")
+    total = block_sq.sum(1)
+    backbone = block_sq[:, [k for k in range(len(order)) if k != head]].sum(1)
+    rewards = g.rewards.double()
+    d = rewards[:, 0] - rewards[:, 1]
+    grad_norm = total.sqrt()
+    pairs = pd.DataFrame({
+        T.PAIR_ID: [e.pair.pair_id for e in enc],
+        T.SUBSET: [e.pair.subset for e in enc],
+        T.CATEGORY: [e.pair.category for e in enc],
+        T.N_TOKENS_CHOSEN: [len(e.chosen_ids) for e in enc],
+        T.N_TOKENS_REJECTED: [len(e.rejected_ids) for e in enc],
+        T.TRUNCATED: [e.truncated for e in enc],
+        T.IDENTICAL: [e.identical for e in enc],
+        T.REWARD_CHOSEN: rewards[:, 0].numpy(),
+        T.REWARD_REJECTED: rewards[:, 1].numpy(),
+        T.REWARD_DIFF: d.numpy(),
+        **{name: fn(g.last_hidden, g.mean_hidden).numpy() for name, fn in PROXIES.items()},
+        T.GRAD_NORM: grad_norm.numpy(),
+        T.GRAD_NORM_HEAD: block_sq[:, head].sqrt().numpy(),
+        T.GRAD_NORM_BACKBONE: backbone.sqrt().numpy(),
+        T.BT_GRAD_NORM: (torch.sigmoid(-d) * grad_norm).numpy(),  # |σ(d) - 1| = σ(-d)
+    })
+    long = pd.DataFrame({
+        T.PAIR_ID: np.repeat(pairs[T.PAIR_ID].to_numpy(), len(order)),
+        T.BLOCK: np.tile(np.array(order, dtype=object), len(enc)),
+        T.GRAD_NORM: block_sq.sqrt().reshape(-1).numpy(),
+    })
+    return pairs, long
+
+
+def per_pair_table(loaded: LoadedModel, encoded: list[EncodedPair], *, engine: str = "vmap",
+                   batch_size: int = 8, chunk_size: int = 2, padding_side: str = "right",
+                   progress: bool = False, done: set[str] | None = None, on_batch=None):
+    """Compute every pair's quantities in batches of similar length; yield ``(pairs, blocks)``
+    frames per batch (also passed to ``on_batch``). Pairs whose id is in ``done`` are skipped."""
+    from tqdm.auto import tqdm
+
+    fn = get_engine(engine)
+    pad = pad_token_id(loaded.tokenizer)
+    todo = [e for e in encoded if not done or e.pair.pair_id not in done]
+    todo.sort(key=lambda e: max(len(e.chosen_ids), len(e.rejected_ids)))  # less padding per batch
+    bar = tqdm(total=len(encoded), initial=len(encoded) - len(todo), unit="pair", disable=not progress,
+               desc=f"correlate [{engine}]", dynamic_ncols=True)
+    model = loaded.model
+    try:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            ids, mask = collate(batch, pad_id=pad, padding_side=padding_side)
+            dev = next(model.parameters()).device
+            g = fn(model, ids.to(dev), mask.to(dev), chunk_size=chunk_size)
+            frames = batch_rows(batch, _to_cpu(g))
+            if on_batch is not None:
+                on_batch(frames)
+            bar.update(len(batch))
+            yield frames
+    finally:
+        bar.close()
+
+
+def _to_cpu(g: PairGrads) -> PairGrads:
+    return PairGrads(g.names, g.sq_norms.cpu(), g.rewards.float().cpu() if g.rewards.dtype == torch.bfloat16
+                     else g.rewards.cpu(), g.last_hidden.cpu(), g.mean_hidden.cpu())
+
+
+# ------------------------------------------------------------------------------------------- run
+
+
+def run_correlate(cfg: CorrelateConfig, log=print) -> dict:
+    """Run the whole command; return the summary (also written to ``OUT/summary.json``)."""
+    t0 = time.perf_counter()
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    pairs = load_pairs(cfg.data, split=cfg.split, fields=cfg.fields(), limit=cfg.limit, sample=cfg.sample)
+    loaded = load_model(cfg.model, dtype=cfg.dtype, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
+                        revision=cfg.revision)
+    max_len = cfg.max_length
+    max_pos = getattr(loaded.model.backbone.config, "max_position_embeddings", None)
+    if max_pos and max_len > max_pos:
+        log(f"note: --max-length {max_len} exceeds the model's {max_pos} positions; using {max_pos}")
+        max_len = max_pos
+    encoder = PairEncoder(loaded.tokenizer, max_length=max_len, chat_template=cfg.chat_template)
+    encoded = [encoder.encode(p) for p in pairs]
+
+    out = Path(cfg.out)
+    partial = out / PARTIAL_DIR
+    identity = {**cfg.identity(), "max_length_used": max_len}
+    done: set[str] = set()
+    if partial.exists() and cfg.resume:
+        prev = json.loads((partial / "config.json").read_text()) if (partial / "config.json").exists() else None
+        if prev != identity:
+            raise GradscopeError(f"{partial}: --resume with different options than the interrupted run; "
+                                 "rerun without --resume to start over")
+        for f in sorted(partial.glob("pairs-*.parquet")):
+            done.update(pd.read_parquet(f, columns=[T.PAIR_ID])[T.PAIR_ID])
+        log(f"resuming: {len(done)} of {len(encoded)} pairs already done")
+    else:
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        T.write_json(identity, partial / "config.json")
+
+    part = [len(list(partial.glob("pairs-*.parquet")))]
+
+    def save_batch(frames):
+        p, b = frames
+        i = part[0]
+        T.write_parquet(b, partial / f"blocks-{i:06d}.parquet")
+        T.write_parquet(p, partial / f"pairs-{i:06d}.parquet")  # written last: marks the batch done
+        part[0] += 1
+
+    for _ in per_pair_table(loaded, encoded, engine=cfg.engine, batch_size=cfg.batch_size,
+                            chunk_size=cfg.chunk_size, padding_side=cfg.padding_side, progress=cfg.progress,
+                            done=done, on_batch=save_batch):
+        pass
+
+    order = {e.pair.pair_id: i for i, e in enumerate(encoded)}
+    pair_files = sorted(partial.glob("pairs-*.parquet"))
+    df = pd.concat([pd.read_parquet(f) for f in pair_files], ignore_index=True)
+    df = df.sort_values(T.PAIR_ID, key=lambda s: s.map(order)).reset_index(drop=True)
+    blocks = pd.concat([pd.read_parquet(f.with_name(f.name.replace("pairs-", "blocks-"))) for f in pair_files],
+                       ignore_index=True)
+    blocks = blocks.sort_values(T.PAIR_ID, key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
+
+    summary = summarise(df, cfg, loaded, engine=cfg.engine, seconds=time.perf_counter() - t0,
+                        resumed=bool(done), max_length=max_len)
+    T.write_parquet(df, out / T.PAIRS_FILE)
+    T.write_parquet(blocks, out / T.GRAD_BLOCKS_FILE)
+    write_fig8(df, out / T.FIG8_FILE, title=cfg.model)
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    T.write_json(summary, out / T.SUMMARY_FILE)
+    shutil.rmtree(partial)
+    return summary
+
+
+def summarise(df: pd.DataFrame, cfg: CorrelateConfig, loaded: LoadedModel, *, engine: str, seconds: float,
+              resumed: bool, max_length: int) -> dict:
+    model = loaded.model
+    return {
+        "model": cfg.model,
+        "model_path": loaded.path,
+        "data": cfg.data,
+        "n_pairs": int(len(df)),
+        "engine": engine,
+        "dtype": cfg.dtype,
+        "seconds": round(seconds, 3),
+        "resumed": resumed,
+        "versions": versions(),
+        "config": {**dataclasses.asdict(cfg), "max_length_used": max_length},
+        "model_info": {
+            "architecture": type(model.backbone).__name__,
+            "causal": model.causal,
+            "n_parameters": int(sum(p.numel() for p in model.parameters())),
+            "hidden_size": int(model.backbone.config.hidden_size),
+        },
+        "flags": {"truncated": int(df[T.TRUNCATED].sum()), "identical": int(df[T.IDENTICAL].sum())},
+        "correlations": correlations(df, n_boot=cfg.n_boot, seed=cfg.seed),
+        "by_category": by_category(df),
+        "by_reward_diff_bin": by_reward_diff_bin(df, n_bins=cfg.n_bins),
+    }
+
+
+def write_fig8(df: pd.DataFrame, path: Path, title: str) -> None:
+    from .plotting import save
+    from .plots.fig8 import Panel, plot_fig8
+
+    fig = plot_fig8([Panel(f"{title}: all parameters", df, T.GRAD_NORM),
+                     Panel(f"{title}: backbone only", df, T.GRAD_NORM_BACKBONE)])
+    save(fig, path)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)

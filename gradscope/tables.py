@@ -1,0 +1,100 @@
+"""Column names of every result table (the one source of truth) and atomic writers."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+# ---- pairs.parquet (gradscope correlate): one row per preference pair -------------------------
+PAIR_ID = "pair_id"
+SUBSET = "subset"
+CATEGORY = "category"
+N_TOKENS_CHOSEN = "n_tokens_chosen"
+N_TOKENS_REJECTED = "n_tokens_rejected"
+TRUNCATED = "truncated"
+IDENTICAL = "identical"  # chosen and rejected token sequences are equal (after truncation)
+REWARD_CHOSEN = "reward_chosen"
+REWARD_REJECTED = "reward_rejected"
+REWARD_DIFF = "reward_diff"
+PROXY_L2 = "proxy_l2"
+PROXY_MEANPOOL_L2 = "proxy_meanpool_l2"
+PROXY_COSINE = "proxy_cosine"
+GRAD_NORM = "grad_norm"
+GRAD_NORM_HEAD = "grad_norm_head"
+GRAD_NORM_BACKBONE = "grad_norm_backbone"
+BT_GRAD_NORM = "bt_grad_norm"
+
+PAIRS_COLUMNS = (
+    PAIR_ID, SUBSET, CATEGORY, N_TOKENS_CHOSEN, N_TOKENS_REJECTED, TRUNCATED, IDENTICAL,
+    REWARD_CHOSEN, REWARD_REJECTED, REWARD_DIFF, PROXY_L2, PROXY_MEANPOOL_L2, PROXY_COSINE,
+    GRAD_NORM, GRAD_NORM_HEAD, GRAD_NORM_BACKBONE, BT_GRAD_NORM,
+)
+PROXY_COLUMNS = (PROXY_L2, PROXY_MEANPOOL_L2, PROXY_COSINE)
+
+# ---- grad_blocks.parquet: long format ----------------------------------------------------------
+BLOCK = "block"
+GRAD_BLOCKS_COLUMNS = (PAIR_ID, BLOCK, GRAD_NORM)
+
+# ---- file names inside an output directory -----------------------------------------------------
+PAIRS_FILE = "pairs.parquet"
+GRAD_BLOCKS_FILE = "grad_blocks.parquet"
+SUMMARY_FILE = "summary.json"
+FIG8_FILE = "fig8.png"
+
+
+def _atomic_target(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def atomic_write_bytes(path: str | os.PathLike, write) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see half a file."""
+    path = Path(path)
+    tmp = _atomic_target(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    return atomic_write_bytes(path, lambda tmp: df.to_parquet(tmp, index=False))
+
+
+def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    def write(tmp: Path) -> None:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+    return atomic_write_bytes(path, write)
+
+
+def _json_default(o: Any):
+    import math
+
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        o = o.item()
+        if isinstance(o, float) and not math.isfinite(o):
+            return None
+        return o
+    if isinstance(o, (Path,)):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def require_columns(df: pd.DataFrame, columns, source: str) -> None:
+    """Raise a clear error naming the table and the missing columns."""
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{source}: missing column(s) {', '.join(missing)}")

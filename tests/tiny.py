@@ -1,0 +1,65 @@
+"""Tiny randomly initialised backbones built in-process (no hub), and batches of random pairs."""
+
+from __future__ import annotations
+
+import torch
+from transformers import BertConfig, BertModel, GPT2Config, GPT2Model, LlamaConfig, LlamaModel
+
+from gradscope.model import RewardModel, probe_causal
+
+VOCAB = 64
+
+
+def tiny_backbone(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                          tie_word_embeddings=False)
+        return LlamaModel(cfg)
+    if kind == "bert":
+        cfg = BertConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)
+        return BertModel(cfg, add_pooling_layer=False)
+    if kind == "gpt2":
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=4, n_positions=64,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        return GPT2Model(cfg)
+    raise ValueError(kind)
+
+
+def tiny_reward_model(kind: str, dtype=torch.float64, seed: int = 0) -> RewardModel:
+    bb = tiny_backbone(kind, seed)
+    bb.config.use_cache = False
+    return RewardModel(bb, probe_causal(bb), seed=seed).to(dtype).eval()
+
+
+def random_pairs(B: int, T: int, seed: int = 0, identical: int | None = None, padding_side="right"):
+    """(B, 2, T) ids and masks of random pairs with unequal lengths; pair ``identical`` has equal sides."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (B, 2, T), generator=g)
+    mask = torch.zeros(B, 2, T, dtype=torch.long)
+    for b in range(B):
+        for s in range(2):
+            n = int(torch.randint(2, T + 1, (), generator=g))
+            if padding_side == "right":
+                mask[b, s, :n] = 1
+            else:
+                mask[b, s, T - n:] = 1
+    if identical is not None:
+        ids[identical, 1] = ids[identical, 0]
+        mask[identical, 1] = mask[identical, 0]
+    return ids, mask
+
+
+def to_left_padding(ids: torch.Tensor, mask: torch.Tensor):
+    """Move right padding to the left, keeping each sequence's tokens."""
+    ids2, mask2 = ids.clone(), mask.clone()
+    T = ids.shape[-1]
+    for idx in torch.cartesian_prod(torch.arange(ids.shape[0]), torch.arange(2)):
+        b, s = idx.tolist()
+        n = int(mask[b, s].sum())
+        ids2[b, s] = torch.cat([ids[b, s, n:], ids[b, s, :n]])
+        mask2[b, s] = torch.cat([torch.zeros(T - n, dtype=mask.dtype), mask[b, s, :n]])
+    return ids2, mask2
