@@ -1,3 +1,6 @@
+"""`python -m gradscope`: the same as the `gradscope` command."""
+
 from .cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":
+    raise SystemExit(main())

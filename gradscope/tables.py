@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +47,10 @@ SUMMARY_FILE = "summary.json"
 FIG8_FILE = "fig8.png"
 
 
-def _atomic_target(path: Path):
+def _atomic_target(path: Path) -> Path:
+    """A fresh hidden name beside ``path`` (created by the writer, so the umask applies)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
 
 
 def atomic_write_bytes(path: str | os.PathLike, write) -> Path:

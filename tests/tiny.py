@@ -10,21 +10,21 @@ from gradscope.model import RewardModel, probe_causal
 VOCAB = 64
 
 
-def tiny_backbone(kind: str, seed: int = 0):
+def tiny_backbone(kind: str, seed: int = 0, vocab: int = VOCAB):
     torch.manual_seed(seed)
     if kind == "llama":
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                           tie_word_embeddings=False)
         return LlamaModel(cfg)
     if kind == "bert":
-        cfg = BertConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        cfg = BertConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=64, hidden_dropout_prob=0.0,
                          attention_probs_dropout_prob=0.0)
         return BertModel(cfg, add_pooling_layer=False)
     if kind == "gpt2":
-        cfg = GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=4, n_positions=64,
-                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        cfg = GPT2Config(vocab_size=vocab, n_embd=16, n_layer=2, n_head=4, n_positions=64,
+                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
         return GPT2Model(cfg)
     raise ValueError(kind)
 
@@ -63,3 +63,27 @@ def to_left_padding(ids: torch.Tensor, mask: torch.Tensor):
         ids2[b, s] = torch.cat([ids[b, s, n:], ids[b, s, :n]])
         mask2[b, s] = torch.cat([torch.zeros(T - n, dtype=mask.dtype), mask[b, s, :n]])
     return ids2, mask2
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer trained in-process on a few sentences (no hub)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog", "def f(x): return x + 1"] * 10,
+                            trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def save_tiny_model_dir(path, kind: str = "llama", seed: int = 0):
+    """A local HF model folder (tiny backbone + tiny tokenizer) as a user would have on disk."""
+    tok = tiny_tokenizer()
+    bb = tiny_backbone(kind, seed, vocab=len(tok))
+    bb.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -1,0 +1,32 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# tests never touch a hub (set before transformers / huggingface_hub read it)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("GRADSCOPE_SHARED_DATA", REPO.parent / "shared" / "data"))
+REQUIRE_SHARED = os.environ.get("GRADSCOPE_REQUIRE_SHARED") == "1"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data; CI sets GRADSCOPE_REQUIRE_SHARED=1, where its absence is a failure."""
+    if not (SHARED_DATA / "rewardbench-v1.jsonl").exists():
+        if REQUIRE_SHARED:
+            pytest.fail(f"shared data not found at {SHARED_DATA} (GRADSCOPE_REQUIRE_SHARED=1)")
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from tiny import save_tiny_model_dir
+
+    return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), "llama")

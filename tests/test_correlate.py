@@ -1,0 +1,112 @@
+"""`gradscope correlate` end to end on a tiny local model: the table contract, resume, atomicity."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import gradscope.correlate as correlate_mod
+from gradscope import tables as T
+from gradscope.cli import main
+from gradscope.correlate import CorrelateConfig, run_correlate
+
+
+def cfg(model, out, **kw):
+    base = dict(model=str(model), out=str(out), data="demo", dtype="float64", batch_size=8, n_boot=200,
+                progress=False, limit=24, sample="stratified")
+    return CorrelateConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def demo_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    summary = run_correlate(cfg(tiny_model_dir, out), log=lambda m: None)
+    return out, summary
+
+
+def test_contract_columns_and_files(demo_run):
+    out, summary = demo_run
+    pairs = pd.read_parquet(out / T.PAIRS_FILE)
+    assert list(pairs.columns[: len(T.PAIRS_COLUMNS)]) == list(T.PAIRS_COLUMNS)
+    assert len(pairs) == 24 and pairs[T.PAIR_ID].is_unique
+    assert set(pairs[T.CATEGORY]) == {"chat", "chat-hard", "safety", "reasoning"}
+    np.testing.assert_allclose(pairs[T.REWARD_DIFF], pairs[T.REWARD_CHOSEN] - pairs[T.REWARD_REJECTED])
+    np.testing.assert_allclose(pairs[T.GRAD_NORM] ** 2, pairs[T.GRAD_NORM_HEAD] ** 2 + pairs[T.GRAD_NORM_BACKBONE] ** 2)
+    np.testing.assert_allclose(pairs[T.GRAD_NORM_HEAD], pairs[T.PROXY_L2], rtol=1e-9)  # linear head
+    sig = 1 / (1 + np.exp(pairs[T.REWARD_DIFF]))
+    np.testing.assert_allclose(pairs[T.BT_GRAD_NORM], sig * pairs[T.GRAD_NORM], rtol=1e-12)
+
+    blocks = pd.read_parquet(out / T.GRAD_BLOCKS_FILE)
+    assert list(blocks.columns) == list(T.GRAD_BLOCKS_COLUMNS)
+    assert set(blocks[T.BLOCK]) == {"embedding", "layer.0", "layer.1", "final_norm", "head"}
+    total = blocks.assign(sq=blocks[T.GRAD_NORM] ** 2).groupby(T.PAIR_ID)["sq"].sum() ** 0.5
+    np.testing.assert_allclose(total[pairs[T.PAIR_ID]].to_numpy(), pairs[T.GRAD_NORM].to_numpy(), rtol=1e-12)
+
+    s = json.loads((out / T.SUMMARY_FILE).read_text())
+    for key in ("model", "data", "n_pairs", "engine", "dtype", "seconds", "versions", "config",
+                "correlations", "by_category", "by_reward_diff_bin"):
+        assert key in s, key
+    c = s["correlations"][T.PROXY_L2]["overall"]["without_head"]
+    assert set(c) == {"pearson_r", "pearson_ci95", "spearman_rho", "n"} and c["n"] == 24
+    assert set(s["correlations"][T.PROXY_COSINE]) == {"overall", "chat", "chat-hard", "safety", "reasoning"}
+    assert s["by_category"]["reasoning"][T.PROXY_L2]["count"] == 6
+    assert sum(b["n"] for b in s["by_reward_diff_bin"]) == 24
+    assert (out / T.FIG8_FILE).stat().st_size > 10_000
+    assert not (out / correlate_mod.PARTIAL_DIR).exists()
+
+
+def test_engines_give_the_same_table(demo_run, tiny_model_dir, tmp_path):
+    out, _ = demo_run
+    run_correlate(cfg(tiny_model_dir, tmp_path, engine="loop", padding_side="left", batch_size=5),
+                  log=lambda m: None)
+    a, b = pd.read_parquet(out / T.PAIRS_FILE), pd.read_parquet(tmp_path / T.PAIRS_FILE)
+    pd.testing.assert_frame_equal(a, b, rtol=1e-6)
+
+
+def test_interrupted_run_leaves_no_result_and_resumes(demo_run, tiny_model_dir, tmp_path, monkeypatch):
+    out, _ = demo_run
+    real = correlate_mod.batch_rows
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(correlate_mod, "batch_rows", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_correlate(cfg(tiny_model_dir, tmp_path), log=lambda m: None)
+    assert not any((tmp_path / f).exists() for f in (T.PAIRS_FILE, T.GRAD_BLOCKS_FILE, T.SUMMARY_FILE, T.FIG8_FILE))
+    assert len(list((tmp_path / correlate_mod.PARTIAL_DIR).glob("pairs-*.parquet"))) == 2
+
+    monkeypatch.setattr(correlate_mod, "batch_rows", real)
+    messages = []
+    with pytest.raises(Exception, match="different options"):
+        run_correlate(cfg(tiny_model_dir, tmp_path, resume=True, max_length=7), log=messages.append)
+    summary = run_correlate(cfg(tiny_model_dir, tmp_path, resume=True), log=messages.append)
+    assert "resuming: 16 of 24 pairs already done" in messages
+    assert summary["resumed"] is True
+    pd.testing.assert_frame_equal(pd.read_parquet(out / T.PAIRS_FILE), pd.read_parquet(tmp_path / T.PAIRS_FILE),
+                                  rtol=1e-9)
+    pd.testing.assert_frame_equal(pd.read_parquet(out / T.GRAD_BLOCKS_FILE),
+                                  pd.read_parquet(tmp_path / T.GRAD_BLOCKS_FILE), rtol=1e-9)
+
+
+def test_cli_runs_and_prints_correlations(tiny_model_dir, tmp_path, capsys):
+    code = main(["correlate", "--model", str(tiny_model_dir), "--limit", "6", "--out", str(tmp_path),
+                 "--no-progress", "--n-boot", "50"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "6 pairs, engine vmap" in printed and "grad_norm vs proxy_l2" in printed
+    assert (tmp_path / T.SUMMARY_FILE).exists()
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit):
+        main(["correlate", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model", "--data", "--out", "--engine", "--limit", "--resume", "--max-length",
+                 "--chat-template", "--trust-remote-code", "pairs.parquet"):
+        assert flag in text

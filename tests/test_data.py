@@ -1,0 +1,113 @@
+"""Loading, validation and tokenisation of preference pairs; one-line errors from the CLI."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from gradscope.cli import main
+from gradscope.data import FieldNames, PairEncoder, collate, load_pairs
+from gradscope.errors import DataError
+from tiny import tiny_tokenizer
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+GOOD = {"id": "a", "prompt": "p", "chosen": "yes", "rejected": "no", "subset": "hep-go"}
+
+
+def test_rewardbench_rows_and_category_from_subset(tmp_path):
+    f = write_jsonl(tmp_path / "d.jsonl", [GOOD, {**GOOD, "id": "b", "subset": "mystery"},
+                                           {**GOOD, "id": "c", "category": "mine"}])
+    pairs = load_pairs(f)
+    assert [p.category for p in pairs] == ["reasoning", "all", "mine"]
+    assert pairs[0].chosen == ({"role": "user", "content": "p"}, {"role": "assistant", "content": "yes"})
+
+
+def test_trl_conversational_rows(tmp_path):
+    conv = {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+            "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "go away"}]}
+    explicit = {"prompt": [{"role": "user", "content": "hi"}],
+                "chosen": [{"role": "assistant", "content": "hello"}],
+                "rejected": [{"role": "assistant", "content": "go away"}]}
+    f = write_jsonl(tmp_path / "c.jsonl", [conv, explicit])
+    a, b = load_pairs(f)
+    assert a.chosen == b.chosen and a.rejected == b.rejected
+    assert (a.pair_id, b.pair_id) == ("0", "1") and a.category == "all"
+
+
+def test_parquet_csv_json_and_field_names(tmp_path):
+    rows = [{"q": "p1", "good": "c1", "bad": "r1"}, {"q": "p2", "good": "c2", "bad": "r2"}]
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    names = FieldNames(prompt="q", chosen="good", rejected="bad")
+    for suffix in ("parquet", "csv", "json"):
+        pairs = load_pairs(tmp_path / f"d.{suffix}", fields=names)
+        assert [p.chosen[-1]["content"] for p in pairs] == ["c1", "c2"], suffix
+
+
+def test_limit_first_and_stratified(tmp_path):
+    rows = [{**GOOD, "id": str(i), "category": "a" if i < 6 else "b"} for i in range(8)]
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    assert [p.pair_id for p in load_pairs(f, limit=3)] == ["0", "1", "2"]
+    assert [p.pair_id for p in load_pairs(f, limit=4, sample="stratified")] == ["0", "1", "6", "7"]
+
+
+@pytest.mark.parametrize("rows,expected", [
+    (["{not json"], "line 1: malformed JSON"),
+    ([GOOD, {k: v for k, v in GOOD.items() if k != "chosen"}], "line 2: field 'chosen': missing"),
+    ([{**GOOD, "rejected": "   "}], "line 1: field 'rejected': empty"),
+    ([{**GOOD, "chosen": 3}], "line 1: field 'chosen': must be a string or a list of messages, got int"),
+    ([{k: v for k, v in GOOD.items() if k != "prompt"}], "line 1: field 'prompt': missing"),
+    ([{**GOOD, "chosen": [{"role": "assistant", "content": 5}]}], "field 'chosen': message 0 content"),
+    ([GOOD, GOOD], "duplicate pair id 'a'"),
+    ([{**GOOD, "margin": "big"}], "line 1: field 'margin': must be a number"),
+], ids=["malformed", "missing", "empty", "non-string", "no-prompt", "bad-message", "duplicate", "margin"])
+def test_bad_rows_name_file_line_and_field(tmp_path, rows, expected):
+    f = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(DataError) as e:
+        load_pairs(f)
+    assert str(e.value).startswith(str(f)) and expected in str(e.value)
+
+
+def test_missing_file():
+    with pytest.raises(DataError, match="nope.jsonl: no such file"):
+        load_pairs("nope.jsonl")
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--data", "{tmp}/missing.jsonl"], "missing.jsonl: no such file"),
+    (["--data", "{tmp}/bad.jsonl"], "bad.jsonl: line 2: field 'rejected': missing"),
+    (["--model", "{tmp}/no-such-model-dir"], "no-such-model-dir"),
+    (["--model", "not-an-org/not-a-model-gradscope"], "unknown model 'not-an-org/not-a-model-gradscope'"),
+], ids=["missing-file", "bad-row", "missing-model-dir", "unknown-hub-model"])
+def test_cli_errors_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, args, expected, tiny_model_dir):
+    write_jsonl(tmp_path / "bad.jsonl", [GOOD, {"id": "x", "prompt": "p", "chosen": "c"}])
+    out = tmp_path / "out"
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--model" not in args:
+        args += ["--model", str(tiny_model_dir)]
+    code = main(["correlate", *args, "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("gradscope: error: ") and expected in err[-1]
+    assert "Traceback" not in "\n".join(err)
+    assert not out.exists()
+
+
+def test_truncation_flags_and_identical_pairs():
+    tok = tiny_tokenizer()
+    enc = PairEncoder(tok, max_length=5, chat_template=False)
+    from gradscope.data import Pair
+
+    p = Pair("x", ({"role": "user", "content": "the quick brown fox"}, {"role": "assistant", "content": "a"}),
+             ({"role": "user", "content": "the quick brown fox"}, {"role": "assistant", "content": "b"}),
+             "", "all")
+    e = enc.encode(p)
+    assert e.truncated and e.identical and len(e.chosen_ids) == 5
+    ids, mask = collate([e, enc.encode(p)], pad_id=0, padding_side="left")
+    assert ids.shape == (2, 2, 5) and mask.sum() == 20

@@ -1,0 +1,118 @@
+"""The vmap engine against the loop reference, and the identities the paper's analysis rests on."""
+
+import pytest
+import torch
+
+from gradscope.gradients import ENGINES, block_of
+from gradscope.model import additive_mask, last_token_index
+from tiny import random_pairs, tiny_reward_model, to_left_padding
+
+KINDS = ["llama", "bert", "gpt2"]
+
+
+def assert_norms_match(a: torch.Tensor, b: torch.Tensor, rtol: float, names=None, floor_rel: float = 1e-10):
+    """Per parameter and in total, pair by pair. Quantities whose true value is exactly zero (attention
+    key biases, whose gradient vanishes since softmax is shift-invariant; a pair whose two sides are
+    identical) carry only rounding noise, so each check allows an absolute floor of ``floor_rel`` × the
+    largest total norm in the batch (1e-10 in float64)."""
+    na, nb = a.sqrt(), b.sqrt()  # (B, P)
+    total_a, total_b = na.pow(2).sum(1).sqrt(), nb.pow(2).sum(1).sqrt()
+    floor = floor_rel * total_a.max()
+    assert torch.allclose(total_a, total_b, rtol=rtol, atol=floor.item()), (total_a, total_b)
+    bad = (na - nb).abs() > rtol * torch.maximum(na, nb) + floor
+    if bad.any():
+        b_, p_ = bad.nonzero()[0].tolist()
+        name = names[p_] if names else p_
+        raise AssertionError(f"pair {b_} parameter {name}: {na[b_, p_].item()} vs {nb[b_, p_].item()}")
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_vmap_equals_loop_float64(kind, padding):
+    model = tiny_reward_model(kind, torch.float64)
+    ids, mask = random_pairs(5, 11, seed=1, identical=3, padding_side=padding)
+    ref = ENGINES["loop"](model, ids, mask)
+    fast = ENGINES["vmap"](model, ids, mask, chunk_size=2)
+    assert ref.names == fast.names
+    assert_norms_match(ref.sq_norms, fast.sq_norms, rtol=1e-6, names=ref.names)
+    torch.testing.assert_close(fast.rewards, ref.rewards, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast.last_hidden, ref.last_hidden, rtol=1e-12, atol=1e-12)
+    # the pair whose two sequences are identical has no gradient at all
+    assert ref.sq_norms[3].sum() < 1e-20 * ref.sq_norms.sum(1).max()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_left_and_right_padding_give_the_same_numbers(kind):
+    model = tiny_reward_model(kind, torch.float64)
+    ids, mask = random_pairs(4, 10, seed=2)
+    lids, lmask = to_left_padding(ids, mask)
+    right = ENGINES["loop"](model, ids, mask)
+    left = ENGINES["loop"](model, lids, lmask)
+    torch.testing.assert_close(left.rewards, right.rewards, rtol=1e-10, atol=1e-12)
+    assert_norms_match(left.sq_norms, right.sq_norms, rtol=1e-8, names=right.names)
+
+
+def test_padding_never_reaches_the_reward():
+    model = tiny_reward_model("llama", torch.float64)
+    ids, mask = random_pairs(3, 8, seed=3)
+    scrambled = torch.where(mask.bool(), ids, torch.randint(1, 60, ids.shape))
+    a = ENGINES["loop"](model, ids, mask)
+    b = ENGINES["loop"](model, scrambled, mask)
+    torch.testing.assert_close(a.rewards, b.rewards, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_head_block_is_exactly_the_last_token_distance(kind):
+    model = tiny_reward_model(kind, torch.float64)
+    ids, mask = random_pairs(4, 9, seed=4)
+    g = ENGINES["vmap"](model, ids, mask)
+    w = g.names.index("head.weight")
+    b = g.names.index("head.bias")
+    dist = (g.last_hidden[:, 0] - g.last_hidden[:, 1]).norm(dim=-1)
+    torch.testing.assert_close(g.sq_norms[:, w].sqrt(), dist, rtol=1e-6, atol=0)
+    assert torch.all(g.sq_norms[:, b] == 0)  # d(r_w - r_l)/db = 1 - 1
+    assert {block_of(n) for n in g.names} >= {"embedding", "layer.0", "layer.1", "head"}
+
+
+# HF's LlamaRMSNorm normalises in float32 even in a float64 model, so a batch of 8 rows and a
+# pair of 2 rows round differently there (~1e-7 relative); BERT's LayerNorm stays in float64.
+@pytest.mark.parametrize("kind,rtol", [("bert", 1e-10), ("llama", 1e-5), ("gpt2", 1e-10)])
+def test_mean_of_per_pair_bt_gradients_is_the_batch_loss_gradient(kind, rtol):
+    """∇ mean_b[-log σ(d_b)] = mean_b[(σ(d_b) - 1) ∇d_b], so ‖∇L_b‖ = |σ(d_b) - 1| ‖∇d_b‖."""
+    model = tiny_reward_model(kind, torch.float64)
+    ids, mask = random_pairs(4, 9, seed=5)
+    params = [p for _, p in model.named_parameters()]
+    per_pair, bt_norms, d_all = [], [], []
+    for b in range(4):
+        out = model(ids[b], mask[b])
+        d = out.rewards[0] - out.rewards[1]
+        grads = torch.autograd.grad(d, params, allow_unused=True)
+        flat = torch.cat([torch.zeros(p.numel(), dtype=p.dtype) if g is None else g.reshape(-1)
+                          for g, p in zip(grads, params)])
+        per_pair.append((torch.sigmoid(d) - 1).detach() * flat)
+        bt_norms.append(per_pair[-1].norm())
+        d_all.append(d.detach())
+    # one batched forward in the [chosen; rejected] layout
+    flat_ids = torch.cat([ids[:, 0], ids[:, 1]])
+    flat_mask = torch.cat([mask[:, 0], mask[:, 1]])
+    r = model(flat_ids, flat_mask).rewards
+    loss = -torch.nn.functional.logsigmoid(r[:4] - r[4:]).mean()
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    batch = torch.cat([torch.zeros(p.numel(), dtype=p.dtype) if g is None else g.reshape(-1)
+                       for g, p in zip(grads, params)])
+    mean = torch.stack(per_pair).mean(0)
+    torch.testing.assert_close(mean, batch, rtol=rtol, atol=rtol * batch.abs().max().item())
+    # and the engines' bt_grad_norm formula matches the per-pair loss gradient norm
+    g = ENGINES["vmap"](model, ids, mask)
+    formula = torch.sigmoid(-torch.stack(d_all)) * g.sq_norms.sum(1).sqrt()
+    torch.testing.assert_close(formula, torch.stack(bt_norms), rtol=1e-9, atol=0)
+
+
+def test_mask_helpers():
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 1, 1]])
+    assert last_token_index(mask).tolist() == [2, 3]
+    m = additive_mask(mask, causal=True, dtype=torch.float64)  # (2, 1, 4, 4)
+    assert m.shape == (2, 1, 4, 4)
+    assert m[0, 0, 2, :3].eq(0).all() and m[0, 0, 2, 3] < -1e30  # pad key masked
+    assert m[0, 0, 0, 1] < -1e30  # future key masked
+    assert torch.isfinite(m.float()).all()  # finite in float32: eager softmax never sees -inf rows
