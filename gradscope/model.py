@@ -87,7 +87,9 @@ class RewardModel(nn.Module):
             head = init_head(hidden, seed, dtype=next(backbone.parameters()).dtype)
         self.head = head
         params = inspect.signature(backbone.forward).parameters
-        self._token_types = "token_type_ids" in params
+        # BERT-style segment embeddings get segment 0; GPT-2 accepts token_type_ids too, but there
+        # they would add a word embedding to every token, so they are passed only where they exist
+        self._token_types = "token_type_ids" in params and getattr(backbone.config, "type_vocab_size", 0) > 0
         self._use_cache = "use_cache" in params
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> RewardOutput:

@@ -26,13 +26,15 @@ def assert_norms_match(a: torch.Tensor, b: torch.Tensor, rtol: float, names=None
         raise AssertionError(f"pair {b_} parameter {name}: {na[b_, p_].item()} vs {nb[b_, p_].item()}")
 
 
+@pytest.mark.parametrize("engine", ["vmap", "ghost"])
 @pytest.mark.parametrize("padding", ["right", "left"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_vmap_equals_loop_float64(kind, padding):
+def test_fast_engines_equal_loop_float64(kind, padding, engine):
     model = tiny_reward_model(kind, torch.float64)
     ids, mask = random_pairs(5, 11, seed=1, identical=3, padding_side=padding)
+    ids[0, 0, 1] = ids[0, 0, 2] = ids[0, 1, 0]  # repeated token ids, within and across the two sides
     ref = ENGINES["loop"](model, ids, mask)
-    fast = ENGINES["vmap"](model, ids, mask, chunk_size=2)
+    fast = ENGINES[engine](model, ids, mask, chunk_size=2)
     assert ref.names == fast.names
     assert_norms_match(ref.sq_norms, fast.sq_norms, rtol=1e-6, names=ref.names)
     torch.testing.assert_close(fast.rewards, ref.rewards, rtol=1e-12, atol=1e-12)
@@ -116,3 +118,50 @@ def test_mask_helpers():
     assert m[0, 0, 2, :3].eq(0).all() and m[0, 0, 2, 3] < -1e30  # pad key masked
     assert m[0, 0, 0, 1] < -1e30  # future key masked
     assert torch.isfinite(m.float()).all()  # finite in float32: eager softmax never sees -inf rows
+
+
+def test_ghost_honours_embedding_padding_idx():
+    """torch gives the padding_idx row no gradient even where it is a real token (SmolLM2: pad ==
+    eos == <|im_end|>, present in every chat turn)."""
+    model = tiny_reward_model("llama", torch.float64)
+    model.backbone.embed_tokens.padding_idx = 7
+    ids, mask = random_pairs(4, 9, seed=6)
+    ids[:, :, 0] = 7
+    ref = ENGINES["loop"](model, ids, mask)
+    assert_norms_match(ref.sq_norms, ENGINES["ghost"](model, ids, mask).sq_norms, rtol=1e-6, names=ref.names)
+
+
+def test_ghost_refuses_what_it_cannot_do_exactly():
+    from gradscope.errors import GradscopeError
+    from gradscope.gradients import resolve_engine
+
+    ids, mask = random_pairs(2, 6, seed=7)
+    model = tiny_reward_model("llama", torch.float64)
+    model.backbone.layers[0].mlp.register_parameter("scale", torch.nn.Parameter(torch.ones(3)))
+    with pytest.raises(GradscopeError, match="no rule for module type LlamaMLP"):
+        ENGINES["ghost"](model, ids, mask)
+    assert resolve_engine("auto", model) == "vmap"
+
+    tied = tiny_reward_model("llama", torch.float64)
+    tied.backbone.layers[1].mlp.up_proj.weight = tied.backbone.layers[0].mlp.up_proj.weight
+    with pytest.raises(GradscopeError, match="shared with .*tied"):
+        ENGINES["ghost"](tied, ids, mask)
+
+    shared = tiny_reward_model("llama", torch.float64)
+    shared.backbone.layers[1] = shared.backbone.layers[0]  # one module registered twice
+    with pytest.raises(GradscopeError, match="shared with"):
+        ENGINES["ghost"](shared, ids, mask)
+
+    class Twice(torch.nn.Module):  # owns no parameter; calls its Linear twice per forward
+        def __init__(self, lin):
+            super().__init__()
+            self.lin = lin
+
+        def forward(self, x):
+            return self.lin(x) + self.lin(x)
+
+    twice = tiny_reward_model("llama", torch.float64)
+    twice.backbone.layers[0].mlp.down_proj = Twice(twice.backbone.layers[0].mlp.down_proj)
+    with pytest.raises(GradscopeError, match="down_proj.lin .*more than once"):
+        ENGINES["ghost"](twice, ids, mask)
+    assert resolve_engine("auto", tiny_reward_model("bert")) == "ghost"

@@ -21,15 +21,16 @@ def encode(loaded, pairs, max_length=96):
     return [enc.encode(p) for p in pairs]
 
 
-def test_smollm2_loop_equals_vmap_float32(smollm2, shared_data):
+def test_smollm2_loop_equals_vmap_and_ghost_float32(smollm2, shared_data):
     pairs = load_pairs(shared_data / "rewardbench-mini.jsonl", limit=3, sample="stratified")
     assert smollm2.model.causal and type(smollm2.model.backbone).__name__ == "LlamaModel"
     ids, mask = collate(encode(smollm2, pairs), pad_id=pad_token_id(smollm2.tokenizer))
     ref = ENGINES["loop"](smollm2.model, ids, mask)
-    fast = ENGINES["vmap"](smollm2.model, ids, mask, chunk_size=3)
-    # float32: rounding noise of a zero gradient (a pair made identical by truncation) is ~1e-7 × scale
-    assert_norms_match(ref.sq_norms, fast.sq_norms, rtol=1e-4, names=ref.names, floor_rel=1e-6)
-    torch.testing.assert_close(fast.rewards, ref.rewards, rtol=1e-4, atol=1e-5)
+    for engine in ("vmap", "ghost"):
+        fast = ENGINES[engine](smollm2.model, ids, mask, chunk_size=3)
+        # float32: rounding noise of a zero gradient (a pair made identical by truncation) is ~1e-7 × scale
+        assert_norms_match(ref.sq_norms, fast.sq_norms, rtol=1e-4, names=ref.names, floor_rel=1e-6)
+        torch.testing.assert_close(fast.rewards, ref.rewards, rtol=1e-4, atol=1e-5)
     # the norm weights carry a large share of the squared norm: leaving them out is not an option
     norm_sq = sum(fast.sq_norms[:, i] for i, n in enumerate(fast.names) if "norm" in n)
     assert norm_sq.sum() / fast.sq_norms.sum() > 0.05
@@ -50,5 +51,6 @@ def test_minilm_loads_as_bert_encoder(shared_data):
     pairs = load_pairs(shared_data / "rewardbench-v1.jsonl", limit=2, sample="stratified")
     ids, mask = collate(encode(loaded, pairs, 64), pad_token_id(loaded.tokenizer))
     ref = ENGINES["loop"](loaded.model, ids, mask)
-    fast = ENGINES["vmap"](loaded.model, ids, mask)
-    assert_norms_match(ref.sq_norms, fast.sq_norms, rtol=1e-6, names=ref.names)
+    for engine in ("vmap", "ghost"):
+        fast = ENGINES[engine](loaded.model, ids, mask)
+        assert_norms_match(ref.sq_norms, fast.sq_norms, rtol=1e-6, names=ref.names)

@@ -1,0 +1,298 @@
+"""Pair-ghost engine: exact per-pair gradient norms from ONE forward and ONE backward over a batch.
+
+The derivation. Lay the batch out as ``[chosen; rejected]`` (2B rows) and back-propagate the single
+scalar ``S = Σ_b (r_w,b - r_l,b)``. Rows never interact, so the gradient that reaches the outputs of
+row n is exactly ∂(±r_n)/∂(outputs of row n): ``+`` for a chosen row, ``-`` for a rejected one. The
+gradient of pair b's ``r_w - r_l`` with respect to a parameter is therefore the sum, over the
+tokens of BOTH of its sequences, of that parameter's per-token contributions; we form its squared
+norm without ever building the per-pair gradient. Write ``a_t`` for a layer's input at token t and
+``g_t`` for the gradient at its output, t running over the 2T tokens of the pair:
+
+* Linear ``y = W a + c`` (and GPT-2's Conv1D, ``y = a W + c``): ``∇W = Σ_t g_t a_tᵀ``, so
+
+      ‖∇W‖² = Σ_{t,s} (a_t·a_s)(g_t·g_s) = sum((A Aᵀ) ⊙ (G Gᵀ))          (Gram form, O((2T)²(d_in+d_out)))
+
+  or ``‖Gᵀ A‖²`` by instantiating the (d_out × d_in) pair gradient (O(2T·d_in·d_out)); we take
+  whichever costs fewer FLOPs for that layer and length (the Gram form squares the cancellation between the
+  two sides, so ill-conditioned pairs are redone in float64, see ``_gram_sq``). The cross terms between chosen and
+  rejected tokens are included, as they must be: that is where the two sequences' gradients
+  cancel. ``∇c = Σ_t g_t``.
+* Embedding: ``∇E[v] = Σ_{t: id_t = v} g_t``; contributions of equal token ids are summed before
+  the square (a scatter-add per pair, O(2T·d)). The row ``padding_idx`` never gets a gradient
+  (torch's rule), even where it is a real token: Llama models set it to ``pad_token_id``, which
+  for SmolLM2 is ``<|im_end|>``, a token of every chat turn.
+* Norms with an elementwise affine output ``y = γ ⊙ n(x) + β`` (LayerNorm, RMSNorm, Gemma's
+  ``(1 + γ)`` form): ``∂y_t/∂γ = f(x_t; γ=1, β=0) - f(x_t; γ=0, β=0)``, computed by calling the
+  module's own forward with those weights (so its eps, float32 upcasts and offsets are honoured);
+  ``∇γ = Σ_t g_t ⊙ ∂y_t/∂γ``, ``∇β = Σ_t g_t``.
+* Any other module that owns parameters has no rule: the engine refuses it with an error naming the
+  module type, never a silently partial norm. A parameter shared by two modules (tied weights), or a
+  module called twice in one forward, is refused too.
+
+Parameter gradients themselves are never formed: the parameters are switched to
+``requires_grad=False`` and the embedding outputs become the leaves of the graph, so the backward
+pass computes only activation gradients (about 2/3 of a training step's backward FLOPs), and each
+layer's contribution is reduced to per-pair numbers inside its output's gradient hook, as soon as
+that gradient exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..errors import GradscopeError
+from ..model import RewardModel
+from .common import PairGrads, parameter_names
+
+try:  # GPT-2 style Conv1D: weight (d_in, d_out), y = x W + b
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover
+    Conv1D = ()
+
+MAX_INSTANTIATE = 1 << 25  # elements of a (pairs × d_out × d_in) chunk when instantiating
+
+
+def _is_affine_norm(module: nn.Module) -> bool:
+    own = dict(module.named_parameters(recurse=False))
+    if "Norm" not in type(module).__name__ or "weight" not in own or set(own) - {"weight", "bias"}:
+        return False
+    return all(p.dim() == 1 for p in own.values())
+
+
+def rule_of(module: nn.Module) -> str | None:
+    """Name of the rule for a module that owns parameters, or None when there is none."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if Conv1D and isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if _is_affine_norm(module):
+        return "norm"
+    return None
+
+
+def check_supported(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Map module name -> (module, rule) for every module that owns parameters; raise a clear
+    error for a module without a rule or a parameter owned by two modules."""
+    owners: dict[int, str] = {}
+    plan: dict[str, tuple[nn.Module, str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        own = list(module.named_parameters(recurse=False))
+        if not own:
+            continue
+        for pname, p in own:
+            full = f"{name}.{pname}" if name else pname
+            if id(p) in owners and owners[id(p)] != full:
+                raise GradscopeError(f"ghost engine: parameter {owners[id(p)]} is shared with {full} (tied "
+                                     "weights); use --engine vmap")
+            owners[id(p)] = full
+        if name in plan:
+            continue
+        rule = rule_of(module)
+        if rule == "embedding" and module.max_norm is not None:
+            rule = None  # renormalises its rows in the forward: not a plain lookup
+        if rule is None:
+            raise GradscopeError(f"ghost engine: no rule for module type {type(module).__name__} ({name}, "
+                                 f"parameters {', '.join(n for n, _ in own)}); use --engine vmap")
+        plan[name] = (module, rule)
+    uncovered = set(parameter_names(model)) - set(owners.values())
+    if uncovered:  # cannot happen with named_modules, kept as a guard against partial norms
+        raise GradscopeError(f"ghost engine: no module owns {', '.join(sorted(uncovered))}")
+    return plan
+
+
+def supports(model: nn.Module) -> bool:
+    try:
+        check_supported(model)
+    except GradscopeError:
+        return False
+    return True
+
+
+def _pairs(x: torch.Tensor, B: int) -> torch.Tensor:
+    """(2B, T, ...) rows laid out [chosen; rejected] -> (B, 2T, ...) tokens of both sides per pair."""
+    return torch.cat([x[:B], x[B:]], dim=1)
+
+
+def _pair_sum_sq(x: torch.Tensor, B: int) -> torch.Tensor:
+    """x: (2B, L, d) per-token contributions -> (B,) ‖Σ_t x_t‖² over both sides of each pair."""
+    s = x.sum(1, dtype=torch.float64)  # (2B, d)
+    return (s[:B] + s[B:]).pow(2).sum(-1)
+
+
+GRAM_COND_MAX = 30.0
+
+
+def _gram_blocks(aw, al, gw, gl, dtype):
+    aw, al, gw, gl = (t.to(dtype) for t in (aw, al, gw, gl))
+    ww = ((aw @ aw.transpose(1, 2)) * (gw @ gw.transpose(1, 2))).sum((1, 2), dtype=torch.float64)
+    ll = ((al @ al.transpose(1, 2)) * (gl @ gl.transpose(1, 2))).sum((1, 2), dtype=torch.float64)
+    wl = ((aw @ al.transpose(1, 2)) * (gw @ gl.transpose(1, 2))).sum((1, 2), dtype=torch.float64)
+    return ww, ll, wl
+
+
+def _gram_sq(aw, al, gw, gl) -> torch.Tensor:
+    """(b, L, d) inputs and output gradients of each side -> (b,) ‖∇W‖² of each pair.
+
+    ww = ‖∇_w‖² and ll = ‖∇_l‖² are sums of squares; the cross term 2 wl cancels them where the two
+    sides' gradients agree, so the rounding error of the result is about eps × (ww + ll + 2|wl|):
+    the cancellation is squared, unlike the loop's eps × ‖∇_w‖ ‖∇_w - ∇_l‖. A pair whose
+    condition (ww + ll + 2|wl|) / result exceeds ``GRAM_COND_MAX`` is recomputed in float64."""
+    ww, ll, wl = _gram_blocks(aw, al, gw, gl, aw.dtype)
+    total = ww + ll + 2 * wl
+    if aw.dtype != torch.float64:
+        cond = (ww + ll + 2 * wl.abs()) / total.clamp(min=torch.finfo(torch.float64).tiny)
+        redo = (cond > GRAM_COND_MAX).nonzero().flatten()
+        if len(redo):
+            ww, ll, wl = _gram_blocks(aw[redo], al[redo], gw[redo], gl[redo], torch.float64)
+            total[redo] = ww + ll + 2 * wl
+    return total.clamp(min=0)  # exact value ≥ 0; rounding can dip below 0 for identical sides
+
+
+def _linear_sq(a: torch.Tensor, g: torch.Tensor, B: int) -> torch.Tensor:
+    """a: (2B, L, d_in), g: (2B, L, d_out), rows [chosen; rejected] -> (B,) ‖Σ_t g_t a_tᵀ‖² over the
+    tokens of both sides of each pair, in Gram form or by instantiating, whichever is cheaper."""
+    L, d_in = a.shape[1], a.shape[2]
+    d_out = g.shape[-1]
+    out = torch.empty(B, dtype=torch.float64, device=a.device)
+    if 3 * L * (d_in + d_out) < 4 * d_in * d_out:
+        # Gram: the (2L × 2L) token Gram matrices in blocks, using the symmetry of the cross block:
+        # Σ(A Aᵀ ⊙ G Gᵀ) = ww + ll + 2 wl; 3 L² (d_in + d_out) MACs per pair
+        step = max(1, MAX_INSTANTIATE // max(1, L * L))
+        for i in range(0, B, step):
+            j = slice(i, i + step)
+            out[j] = _gram_sq(a[:B][j], a[B:][j], g[:B][j], g[B:][j])
+    else:  # instantiate the (d_out × d_in) pair gradient: 2 L d_in d_out MACs per pair
+        step = max(1, MAX_INSTANTIATE // (d_in * d_out))
+        aw, al, gw, gl = a[:B], a[B:], g[:B], g[B:]
+        for i in range(0, B, step):
+            j = slice(i, i + step)
+            w = torch.baddbmm(gw[j].transpose(1, 2) @ aw[j], gl[j].transpose(1, 2), al[j])  # (b, d_out, d_in)
+            out[j] = torch.linalg.vector_norm(w, dim=(1, 2)).double().pow(2)
+    return out
+
+
+def _embedding_sq(ids: torch.Tensor, g: torch.Tensor, vocab: int) -> torch.Tensor:
+    """ids: (B, L), g: (B, L, d) -> (B,) ‖Σ_t e_{id_t} g_tᵀ‖² (equal ids summed first)."""
+    B, L, d = g.shape
+    pair = torch.arange(B, device=ids.device)[:, None].expand(B, L)
+    key = (pair * vocab + ids).reshape(-1)  # (B L,) one key per (pair, token id)
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    rows = torch.zeros(len(uniq), d, dtype=torch.float64, device=g.device)
+    rows.index_add_(0, inverse, g.reshape(-1, d).double())  # (U, d) per-(pair, id) gradient rows
+    out = torch.zeros(B, dtype=torch.float64, device=g.device)
+    return out.index_add_(0, torch.div(uniq, vocab, rounding_mode="floor"), rows.pow(2).sum(1))
+
+
+class _Recorder:
+    """Forward hooks that keep each module's input and hang a gradient hook on its output."""
+
+    def __init__(self, model: RewardModel, plan: dict, B: int, names: list[str], mask: torch.Tensor):
+        self.B = B
+        self.col = {n: i for i, n in enumerate(names)}
+        self.sq = torch.zeros(B, len(names), dtype=torch.float64, device=mask.device)
+        self.mask = mask  # (2B, T) token mask; the head sees one pooled "token" per row
+        self.calls: dict[str, int] = {}
+        self.handles = [m.register_forward_hook(self._forward_hook(name, m, rule))
+                        for name, (m, rule) in plan.items()]
+        self.leaves: list[torch.Tensor] = []
+        self.recording = True  # off after the forward: the norm rule calls modules again
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+    def _add(self, module_name: str, pname: str, values: torch.Tensor):
+        full = f"{module_name}.{pname}" if module_name else pname
+        self.sq[:, self.col[full]] += values
+
+    def _forward_hook(self, name: str, module: nn.Module, rule: str):
+        def hook(mod, inputs, output):
+            if not self.recording:
+                return None
+            self.calls[name] = self.calls.get(name, 0) + 1
+            if self.calls[name] > 1:
+                raise GradscopeError(f"ghost engine: module {name} ({type(mod).__name__}) runs more than once "
+                                     "per forward; use --engine vmap")
+            x = inputs[0].detach()
+            if rule == "embedding":
+                output = output.detach().requires_grad_(True)  # a leaf: the graph starts here
+                self.leaves.append(output)
+            output.register_hook(self._grad_hook(name, mod, rule, x))
+            return output
+
+        return hook
+
+    def _grad_hook(self, name: str, mod: nn.Module, rule: str, x: torch.Tensor):
+        B = self.B
+
+        def on_grad(g: torch.Tensor):
+            g = g.detach()
+            if rule == "embedding":
+                if mod.padding_idx is not None:  # torch gives the padding_idx row no gradient
+                    g = g * (x != mod.padding_idx)[..., None].to(g.dtype)
+                self._add(name, "weight", _embedding_sq(_pairs(x, B), _pairs(g, B), mod.num_embeddings))
+                return None
+            if x.dim() > 2:  # (2B, T, d) token positions: padding carries no gradient
+                xs, gs = x, g * self.mask[..., None].to(g.dtype)
+            else:  # the head: one pooled state per row, (2B, 1, H)
+                xs, gs = x[:, None], g[:, None]
+            if rule in ("linear", "conv1d"):
+                self._add(name, "weight", _linear_sq(xs, gs, B))
+                if getattr(mod, "bias", None) is not None:
+                    self._add(name, "bias", _pair_sum_sq(gs, B))
+            else:  # affine norm
+                bias = getattr(mod, "bias", None)
+                with torch.no_grad():
+                    one, zero = torch.ones_like(mod.weight), torch.zeros_like(mod.weight)
+                    p1 = {"weight": one, **({"bias": torch.zeros_like(bias)} if bias is not None else {})}
+                    p0 = {**p1, "weight": zero}
+                    dy_dw = functional_call(mod, p1, (xs,)) - functional_call(mod, p0, (xs,))  # (2B, T, d)
+                self._add(name, "weight", _pair_sum_sq(dy_dw * gs, B))
+                if bias is not None:
+                    self._add(name, "bias", _pair_sum_sq(gs, B))
+            return None
+
+        return on_grad
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module):
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def ghost_engine(model: RewardModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 **_ignored) -> PairGrads:
+    """input_ids, attention_mask: (B, 2, T). One forward and one backward over all 2B rows."""
+    plan = check_supported(model)
+    names = parameter_names(model)
+    B = input_ids.shape[0]
+    ids = torch.cat([input_ids[:, 0], input_ids[:, 1]])  # (2B, T) [chosen; rejected]
+    mask = torch.cat([attention_mask[:, 0], attention_mask[:, 1]])
+    rec = _Recorder(model, plan, B, names, mask)
+    try:
+        with _frozen(model), torch.enable_grad():
+            out = model(ids, mask)
+            rec.recording = False
+            if not rec.leaves:
+                raise GradscopeError("ghost engine: the model has no nn.Embedding at its input; use --engine vmap")
+            S = (out.rewards[:B] - out.rewards[B:]).sum()
+            torch.autograd.grad(S, rec.leaves)
+    finally:
+        rec.close()
+    rewards = torch.stack([out.rewards[:B], out.rewards[B:]], dim=1).detach()  # (B, 2)
+    last = torch.stack([out.last_hidden[:B], out.last_hidden[B:]], dim=1).detach()  # (B, 2, H)
+    mean = torch.stack([out.mean_hidden[:B], out.mean_hidden[B:]], dim=1).detach()
+    return PairGrads(names, rec.sq, rewards, last, mean)
