@@ -89,6 +89,8 @@ def _correlate(args) -> int:
 
     cfg = config_from_args(CorrelateConfig, args)
     summary = run_correlate(cfg, log=lambda m: print(m, file=sys.stderr))
+    if not summary:  # a non-main process of a sharded run: the main process reports
+        return 0
     c = summary["correlations"]
     print(f"{summary['n_pairs']} pairs, engine {summary['engine']}, {summary['seconds']:.1f} s -> {cfg.out}")
     for proxy, by in c.items():

@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from accelerate import PartialState
 
 from . import __version__
 from . import tables as T
 from .data import SAMPLE_MODES, EncodedPair, FieldNames, PairEncoder, collate, load_pairs
 from .errors import GradscopeError
-from .gradients import ENGINES, PairGrads, block_of, block_order, get_engine
+from .gradients import AUTO, ENGINES, PairGrads, block_of, block_order, get_engine, resolve_engine
 from .model import ALIASES, DEFAULT_MODEL, DTYPES, LoadedModel, load_model, pad_token_id
 from .proxies import PROXIES
 from .stats import by_category, by_reward_diff_bin, correlations
@@ -42,8 +43,10 @@ class CorrelateConfig:
                     ".jsonl/.json/.parquet/.csv file, or a hub dataset id.")
     out: str = opt("results/correlate", "Output directory (pairs.parquet, grad_blocks.parquet, "
                    "summary.json, fig8.png).")
-    engine: str = opt("vmap", "Gradient engine: " + ", ".join(sorted(ENGINES)) +
-                      " (loop: one backward per pair, the reference).", choices=sorted(ENGINES))
+    engine: str = opt(AUTO, "Gradient engine: loop (one backward per pair, the reference), vmap "
+                      "(torch.func per-sample gradients), ghost (one batched backward; exact), or auto "
+                      "(ghost when the model has only layers it has rules for, else vmap).",
+                      choices=[AUTO, *sorted(ENGINES)])
     dtype: str = opt("float32", "Model dtype for the computation.", choices=sorted(DTYPES))
     batch_size: int = opt(8, "Pairs per batch (one part file each; the unit of --resume).")
     chunk_size: int = opt(2, "Pairs per vmap chunk (memory ≈ chunk × parameters).")
@@ -82,7 +85,8 @@ class CorrelateConfig:
         for name in ("batch_size", "chunk_size", "max_length", "n_bins"):
             if getattr(self, name) < 1:
                 raise GradscopeError(f"--{name.replace('_', '-')} must be at least 1")
-        get_engine(self.engine)
+        if self.engine != AUTO:
+            get_engine(self.engine)
         if self.dtype not in DTYPES:
             raise GradscopeError(f"unknown dtype {self.dtype!r}; known: {', '.join(sorted(DTYPES))}")
 
@@ -147,18 +151,17 @@ def batch_rows(enc: list[EncodedPair], g: PairGrads) -> tuple[pd.DataFrame, pd.D
     return pairs, long
 
 
-def per_pair_table(loaded: LoadedModel, encoded: list[EncodedPair], *, engine: str = "vmap",
+def per_pair_table(loaded: LoadedModel, encoded: list[EncodedPair], *, engine: str = "ghost",
                    batch_size: int = 8, chunk_size: int = 2, padding_side: str = "right",
-                   progress: bool = False, done: set[str] | None = None, on_batch=None):
+                   progress: bool = False, on_batch=None):
     """Compute every pair's quantities in batches of similar length; yield ``(pairs, blocks)``
-    frames per batch (also passed to ``on_batch``). Pairs whose id is in ``done`` are skipped."""
+    frames per batch (also passed to ``on_batch``)."""
     from tqdm.auto import tqdm
 
     fn = get_engine(engine)
     pad = pad_token_id(loaded.tokenizer)
-    todo = [e for e in encoded if not done or e.pair.pair_id not in done]
-    todo.sort(key=lambda e: max(len(e.chosen_ids), len(e.rejected_ids)))  # less padding per batch
-    bar = tqdm(total=len(encoded), initial=len(encoded) - len(todo), unit="pair", disable=not progress,
+    todo = sorted(encoded, key=lambda e: max(len(e.chosen_ids), len(e.rejected_ids)))  # less padding
+    bar = tqdm(total=len(todo), unit="pair", disable=not progress,
                desc=f"correlate [{engine}]", dynamic_ncols=True)
     model = loaded.model
     try:
@@ -185,14 +188,18 @@ def _to_cpu(g: PairGrads) -> PairGrads:
 
 
 def run_correlate(cfg: CorrelateConfig, log=print) -> dict:
-    """Run the whole command; return the summary (also written to ``OUT/summary.json``)."""
+    """Run the whole command; return the summary (also written to ``OUT/summary.json``); under
+    several processes, the main process returns it and the others return ``{}``."""
     t0 = time.perf_counter()
     cfg.validate()
+    # one process, or one of several under `accelerate launch` / torchrun (gloo on CPU-only hosts)
+    state = PartialState(cpu=not torch.cuda.is_available())
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     pairs = load_pairs(cfg.data, split=cfg.split, fields=cfg.fields(), limit=cfg.limit, sample=cfg.sample)
     loaded = load_model(cfg.model, dtype=cfg.dtype, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
                         revision=cfg.revision)
+    engine = resolve_engine(cfg.engine, loaded.model)
     max_len = cfg.max_length
     max_pos = getattr(loaded.model.backbone.config, "max_position_embeddings", None)
     if max_pos and max_len > max_pos:
@@ -204,34 +211,45 @@ def run_correlate(cfg: CorrelateConfig, log=print) -> dict:
     out = Path(cfg.out)
     partial = out / PARTIAL_DIR
     identity = {**cfg.identity(), "max_length_used": max_len}
-    done: set[str] = set()
-    if partial.exists() and cfg.resume:
+    # Several processes (`accelerate launch`, torchrun): each takes a disjoint shard of the pairs
+    # that are not done yet; the main process merges the shards once all are finished.
+    rank, world = state.process_index, state.num_processes
+    loaded.model.to(state.device)
+    resuming = cfg.resume and partial.exists()
+    if resuming:  # every process checks, so a refusal never leaves the others waiting
         prev = json.loads((partial / "config.json").read_text()) if (partial / "config.json").exists() else None
         if prev != identity:
             raise GradscopeError(f"{partial}: --resume with different options than the interrupted run; "
                                  "rerun without --resume to start over")
-        for f in sorted(partial.glob("pairs-*.parquet")):
-            done.update(pd.read_parquet(f, columns=[T.PAIR_ID])[T.PAIR_ID])
-        log(f"resuming: {len(done)} of {len(encoded)} pairs already done")
-    else:
+    elif state.is_main_process:
         if partial.exists():
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
         T.write_json(identity, partial / "config.json")
+    state.wait_for_everyone()
+    done: set[str] = set()
+    for f in sorted(partial.glob("pairs-*.parquet")):
+        done.update(pd.read_parquet(f, columns=[T.PAIR_ID])[T.PAIR_ID])
+    if resuming and state.is_main_process:
+        log(f"resuming: {len(done)} of {len(encoded)} pairs already done")
+    shard = [e for e in encoded if e.pair.pair_id not in done][rank::world]
 
-    part = [len(list(partial.glob("pairs-*.parquet")))]
+    part = [len(list(partial.glob(f"pairs-{rank:03d}-*.parquet")))]
 
     def save_batch(frames):
         p, b = frames
-        i = part[0]
-        T.write_parquet(b, partial / f"blocks-{i:06d}.parquet")
-        T.write_parquet(p, partial / f"pairs-{i:06d}.parquet")  # written last: marks the batch done
+        stem = f"{rank:03d}-{part[0]:06d}.parquet"
+        T.write_parquet(b, partial / f"blocks-{stem}")
+        T.write_parquet(p, partial / f"pairs-{stem}")  # written last: marks the batch done
         part[0] += 1
 
-    for _ in per_pair_table(loaded, encoded, engine=cfg.engine, batch_size=cfg.batch_size,
-                            chunk_size=cfg.chunk_size, padding_side=cfg.padding_side, progress=cfg.progress,
-                            done=done, on_batch=save_batch):
+    for _ in per_pair_table(loaded, shard, engine=engine, batch_size=cfg.batch_size,
+                            chunk_size=cfg.chunk_size, padding_side=cfg.padding_side,
+                            progress=cfg.progress and state.is_main_process, on_batch=save_batch):
         pass
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return {}
 
     order = {e.pair.pair_id: i for i, e in enumerate(encoded)}
     pair_files = sorted(partial.glob("pairs-*.parquet"))
@@ -241,8 +259,9 @@ def run_correlate(cfg: CorrelateConfig, log=print) -> dict:
                        ignore_index=True)
     blocks = blocks.sort_values(T.PAIR_ID, key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
 
-    summary = summarise(df, cfg, loaded, engine=cfg.engine, seconds=time.perf_counter() - t0,
+    summary = summarise(df, cfg, loaded, engine=engine, seconds=time.perf_counter() - t0,
                         resumed=bool(done), max_length=max_len)
+    summary["processes"] = world
     T.write_parquet(df, out / T.PAIRS_FILE)
     T.write_parquet(blocks, out / T.GRAD_BLOCKS_FILE)
     write_fig8(df, out / T.FIG8_FILE, title=cfg.model)
@@ -261,6 +280,7 @@ def summarise(df: pd.DataFrame, cfg: CorrelateConfig, loaded: LoadedModel, *, en
         "data": cfg.data,
         "n_pairs": int(len(df)),
         "engine": engine,
+        "engine_requested": cfg.engine,
         "dtype": cfg.dtype,
         "seconds": round(seconds, 3),
         "resumed": resumed,

@@ -56,9 +56,11 @@ def test_contract_columns_and_files(demo_run):
     assert not (out / correlate_mod.PARTIAL_DIR).exists()
 
 
-def test_engines_give_the_same_table(demo_run, tiny_model_dir, tmp_path):
-    out, _ = demo_run
-    run_correlate(cfg(tiny_model_dir, tmp_path, engine="loop", padding_side="left", batch_size=5),
+@pytest.mark.parametrize("engine", ["loop", "vmap"])
+def test_engines_give_the_same_table(demo_run, tiny_model_dir, tmp_path, engine):
+    out, summary = demo_run
+    assert (summary["engine"], summary["engine_requested"]) == ("ghost", "auto")
+    run_correlate(cfg(tiny_model_dir, tmp_path, engine=engine, padding_side="left", batch_size=5),
                   log=lambda m: None)
     a, b = pd.read_parquet(out / T.PAIRS_FILE), pd.read_parquet(tmp_path / T.PAIRS_FILE)
     pd.testing.assert_frame_equal(a, b, rtol=1e-6)
@@ -99,7 +101,7 @@ def test_cli_runs_and_prints_correlations(tiny_model_dir, tmp_path, capsys):
                  "--no-progress", "--n-boot", "50"])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "6 pairs, engine vmap" in printed and "grad_norm vs proxy_l2" in printed
+    assert "6 pairs, engine ghost" in printed and "grad_norm vs proxy_l2" in printed
     assert (tmp_path / T.SUMMARY_FILE).exists()
 
 
@@ -110,3 +112,34 @@ def test_help_explains_every_option(capsys):
     for flag in ("--model", "--data", "--out", "--engine", "--limit", "--resume", "--max-length",
                  "--chat-template", "--trust-remote-code", "pairs.parquet"):
         assert flag in text
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_shard_and_merge_to_the_single_process_table(demo_run, tiny_model_dir, tmp_path):
+    """`accelerate launch` with two CPU processes (gloo): disjoint shards, one merged table."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out, _ = demo_run
+    c = cfg(tiny_model_dir, tmp_path)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "gradscope", "correlate", "--model", c.model, "--out", str(tmp_path), "--dtype", "float64",
+           "--limit", "24", "--sample", "stratified", "--n-boot", "200", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / T.SUMMARY_FILE).read_text())
+    assert summary["processes"] == 2
+    pd.testing.assert_frame_equal(pd.read_parquet(out / T.PAIRS_FILE), pd.read_parquet(tmp_path / T.PAIRS_FILE),
+                                  rtol=1e-9)
+    pd.testing.assert_frame_equal(pd.read_parquet(out / T.GRAD_BLOCKS_FILE),
+                                  pd.read_parquet(tmp_path / T.GRAD_BLOCKS_FILE), rtol=1e-9)
