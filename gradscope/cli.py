@@ -36,6 +36,40 @@ examples:
 """
 
 
+EVALUATE_DESCRIPTION = """\
+Score every pair with each --model (reward of chosen and rejected; correct when chosen >
+rejected STRICTLY, so a tie is wrong, as in RewardBench), then accuracy per subset and RewardBench v1
+section scores: Chat, Chat-Hard, Safety and Reasoning are means of their subsets' accuracies weighted
+by RewardBench's example counts (math-prm weighs as much as the six hep-* subsets together); subsets
+RewardBench does not know join the section named by their rows' category, weighted by row counts; a
+section with no pairs is reported missing (never 0). The average is the mean of the four sections.
+
+Writes scores.parquet, results.json and results.md (one row per model, laid out like the paper's
+Table 1)."""
+
+EVALUATE_EPILOG = """\
+examples:
+  gradscope evaluate --model smollm2 --data ../shared/data/rewardbench-v1.jsonl --out results/rb-smollm2
+  gradscope evaluate --model runs/bt --model runs/normbt --data ../shared/data/rewardbench-v1.jsonl
+"""
+
+COMPARE_DESCRIPTION = """\
+From two evaluated models (their scores.parquet or evaluate folders, or models evaluated on the
+spot) and the last-token distance ‖h_w - h_l‖ of each pair under a base model: the pairs where
+exactly one of the two is correct, binned by distance (quantile bins over all pairs, or --edges;
+bins split in thirds into small / medium / large distance), as disagreements.parquet and fig4.png
+(the paper's Figure 4); accuracy differences per category with paired bootstrap 95% intervals; and,
+given several runs per model (A1,A2,A3), the mean and standard error per section (the paper's
+Table 4). compare.json holds the numbers."""
+
+COMPARE_EPILOG = """\
+examples:
+  gradscope compare results/bt results/normbt --data ../shared/data/rewardbench-v1.jsonl \\
+      --distance-model smollm2 --label-a BT --label-b NormBT --out results/bt-vs-normbt
+  gradscope compare bt-s1,bt-s2,bt-s3 nbt-s1,nbt-s2,nbt-s3 --distances results/base/pairs.parquet
+"""
+
+
 def _unwrap_optional(tp):
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -50,6 +84,12 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
         tp = _unwrap_optional(hints[f.name])
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata.get("help", "")
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, metavar=f.name.upper(), help=help_)
+            continue
+        if f.metadata.get("action") == "append":
+            parser.add_argument(flag, action="append", default=None, metavar=f.name.upper(), help=help_)
+            continue
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help_ + " (default: %(default)s)")
@@ -81,7 +121,45 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_options(p, CorrelateConfig)
     p.set_defaults(handler=_correlate)
+
+    from .compare import CompareConfig
+    from .evaluate import EvaluateConfig
+
+    p = sub.add_parser("evaluate", help="RewardBench-style accuracy per subset and section",
+                       description=EVALUATE_DESCRIPTION, epilog=EVALUATE_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_options(p, EvaluateConfig)
+    p.set_defaults(handler=_evaluate)
+    p = sub.add_parser("compare", help="where two models disagree, binned by representation distance",
+                       description=COMPARE_DESCRIPTION, epilog=COMPARE_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_options(p, CompareConfig)
+    p.set_defaults(handler=_compare)
     return parser
+
+
+def _evaluate(args) -> int:
+    from .evaluate import EvaluateConfig, results_markdown, run_evaluate
+
+    rows = run_evaluate(config_from_args(EvaluateConfig, args))
+    print(results_markdown(rows), end="")
+    print(f"-> {args.out}")
+    return 0
+
+
+def _compare(args) -> int:
+    from .compare import CompareConfig, run_compare
+
+    s = run_compare(config_from_args(CompareConfig, args))
+    print(f"{s['n_pairs']} pairs, {s['n_disagreements']} disagreements ({s['label_a']} vs {s['label_b']})")
+    for region, c in s["by_region"].items():
+        print(f"  {region:>6} distance: only {s['label_a']} correct {c['a']:4d}   only {s['label_b']} correct {c['b']:4d}")
+    for cat, d in s["accuracy_diff"].items():
+        lo, hi = d["diff_ci95"]
+        print(f"  {cat:<10} accuracy {s['label_b']} - {s['label_a']}: {100 * d['diff_b_minus_a']:+.1f} points "
+              f"[{100 * lo:+.1f}, {100 * hi:+.1f}] (n={d['n']})")
+    print(f"-> {args.out}")
+    return 0
 
 
 def _correlate(args) -> int:

@@ -97,3 +97,23 @@ def require_columns(df: pd.DataFrame, columns, source: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise ValueError(f"{source}: missing column(s) {', '.join(missing)}")
+
+# ---- scores.parquet (gradscope evaluate) ---------------------------------------------------------
+MARGIN = "margin"  # reward_chosen - reward_rejected
+CORRECT = "correct"  # reward_chosen > reward_rejected, strictly (a tie is wrong, as in RewardBench)
+SCORES_COLUMNS = (PAIR_ID, SUBSET, CATEGORY, REWARD_CHOSEN, REWARD_REJECTED, MARGIN, CORRECT)
+SCORES_FILE = "scores.parquet"
+RESULTS_FILE = "results.json"
+RESULTS_MD_FILE = "results.md"
+
+# ---- disagreements.parquet (gradscope compare) ---------------------------------------------------
+DISTANCE = "distance"  # ‖h_w - h_l‖ at the last token under the base (distance) model
+DISTANCE_BIN = "distance_bin"
+REGION = "region"  # small / medium / large distance
+CORRECT_A = "correct_a"
+CORRECT_B = "correct_b"
+WINNER = "winner"  # "a" or "b": the only model that is correct on the pair
+DISAGREEMENTS_COLUMNS = (PAIR_ID, SUBSET, CATEGORY, DISTANCE, DISTANCE_BIN, REGION, CORRECT_A, CORRECT_B, WINNER)
+DISAGREEMENTS_FILE = "disagreements.parquet"
+COMPARE_FILE = "compare.json"
+FIG4_FILE = "fig4.png"

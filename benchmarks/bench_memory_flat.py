@@ -1,0 +1,92 @@
+"""Memory of a long `gradscope correlate` run stays flat: rows stream to disk batch by batch.
+
+Writes N pairs (the built-in demo pairs, cycled with fresh ids) to a temporary JSONL file, runs
+`gradscope correlate` on it in a subprocess, and samples the subprocess's resident memory every
+0.2 s together with the number of pairs already on disk (from the part files). Prints the peak
+resident memory within each tenth of the run: flat rows mean memory does not grow with pairs.
+
+    python benchmarks/bench_memory_flat.py                         # 10,000 pairs on MiniLM
+    python benchmarks/bench_memory_flat.py --pairs 2000 --model smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gradscope.data import demo_path  # noqa: E402
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except FileNotFoundError:
+        pass
+    return 0.0
+
+
+def pairs_done(partial: Path) -> int:
+    n = 0
+    for f in partial.glob("pairs-*.parquet"):
+        try:
+            n += len(pd.read_parquet(f, columns=["pair_id"]))
+        except Exception:  # a part being renamed into place
+            pass
+    return n
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=int, default=10_000)
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--engine", default="auto")
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args()
+
+    demo = [json.loads(line) for line in demo_path().read_text().splitlines() if line.strip()]
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "pairs.jsonl"
+        with data.open("w") as f:
+            for i in range(args.pairs):
+                row = dict(demo[i % len(demo)], id=f"pair-{i:06d}")
+                f.write(json.dumps(row) + "\n")
+        out = Path(tmp) / "out"
+        cmd = [sys.executable, "-m", "gradscope", "correlate", "--model", args.model, "--data", str(data),
+               "--out", str(out), "--engine", args.engine, "--batch-size", str(args.batch_size),
+               "--no-progress", "--n-boot", "200"]
+        t0 = time.time()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        samples = []  # (seconds, pairs done, rss MB)
+        last_count_t, done = 0.0, 0
+        while proc.poll() is None:
+            now = time.time() - t0
+            if now - last_count_t > 5:
+                done, last_count_t = pairs_done(out / ".partial"), now
+            samples.append((now, done, rss_mb(proc.pid)))
+            time.sleep(0.2)
+        log = proc.stdout.read()
+        if proc.returncode != 0:
+            raise SystemExit(f"correlate failed:\n{log}")
+    df = pd.DataFrame(samples, columns=["seconds", "pairs_done", "rss_mb"])
+    df["tenth"] = (df["pairs_done"] * 10 // args.pairs).clip(upper=9)
+    print(f"{args.pairs} pairs, model {args.model}, engine {args.engine}, {time.time() - t0:.0f} s")
+    print("| pairs done | peak RSS (MB) |\n|---|---|")
+    for tenth, g in df.groupby("tenth"):
+        print(f"| {int(tenth) * args.pairs // 10:,} - {(int(tenth) + 1) * args.pairs // 10:,} | {g['rss_mb'].max():.0f} |")
+    print(log.strip().splitlines()[-4])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""`gradscope compare`: where two reward models disagree, by the base model's representation distance."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import tables as T
+from .correlate import opt, versions
+from .data import FieldNames, PairEncoder, load_pairs
+from .errors import GradscopeError
+from .evaluate import EvaluateConfig, evaluate_model, section_scores, subset_accuracies
+from .model import DEFAULT_MODEL, load_model
+from .rewardbench import CATEGORIES
+from .scoring import score_pairs
+
+REGIONS = ("small", "medium", "large")
+
+
+@dataclass
+class CompareConfig:
+    """Options of `gradscope compare`."""
+
+    a: str = opt(None, "Model A: a scores.parquet, an evaluate output folder, or a model to evaluate on the "
+                 "spot; several seeds as A1,A2,A3.", positional=True)
+    b: str = opt(None, "Model B, as A (e.g. NormBT against A's BT).", positional=True)
+    data: str = opt("demo", "The pairs both were (or are to be) scored on; needed for distances and on-the-spot "
+                    "evaluation.")
+    distance_model: str = opt(DEFAULT_MODEL, "Base model whose last-token distance ‖h_w - h_l‖ bins the pairs.")
+    distances: str | None = opt(None, "Read distances from this table instead (a correlate pairs.parquet or a "
+                                "table with pair_id and proxy_l2).")
+    out: str = opt("results/compare", "Output directory (disagreements.parquet, compare.json, fig4.png).")
+    bins: int = opt(10, "Quantile bins of distance (over all pairs).")
+    edges: str | None = opt(None, "Fixed bin edges instead, comma-separated (e.g. 0,2,4,8,16).")
+    label_a: str = opt("A", "Name of model A in tables and figures.")
+    label_b: str = opt("B", "Name of model B.")
+    n_boot: int = opt(2000, "Paired bootstrap resamples for accuracy differences.")
+    seed: int = opt(0, "Seed of the bootstrap.")
+    max_length: int = opt(1024, "Tokens kept per side (distances, on-the-spot evaluation).")
+    batch_size: int = opt(16, "Pairs per forward batch.")
+    progress: bool = opt(True, "Show progress bars.")
+
+
+# --------------------------------------------------------------------------------------- pure parts
+
+
+def load_scores(spec: str, cfg: CompareConfig, pairs_cache: dict) -> pd.DataFrame:
+    p = Path(spec)
+    if p.is_file() and p.suffix == ".parquet":
+        df = pd.read_parquet(p)
+    elif p.is_dir() and (p / T.SCORES_FILE).exists():
+        df = pd.read_parquet(p / T.SCORES_FILE)
+    else:  # a model: evaluate it on the spot
+        if "pairs" not in pairs_cache:
+            pairs_cache["pairs"] = load_pairs(cfg.data, fields=FieldNames())
+        ecfg = EvaluateConfig(model=[spec], data=cfg.data, out=str(Path(cfg.out) / "scores" / p.name),
+                              max_length=cfg.max_length, batch_size=cfg.batch_size, progress=cfg.progress)
+        evaluate_model(spec, ecfg, pairs_cache["pairs"], Path(ecfg.out))
+        df = pd.read_parquet(Path(ecfg.out) / T.SCORES_FILE)
+    T.require_columns(df, [T.PAIR_ID, T.SUBSET, T.CATEGORY, T.CORRECT], spec)
+    return df
+
+
+def bin_distances(distance: pd.Series, bins: int = 10, edges: list[float] | None = None) -> tuple[pd.Series, list]:
+    """Bin index per pair (quantile bins over all pairs, or fixed edges) and the edges used."""
+    if edges is not None:
+        cut, used = pd.cut(distance, bins=edges, include_lowest=True, retbins=True, labels=False)
+    else:
+        cut, used = pd.qcut(distance, q=min(bins, distance.nunique()), retbins=True, labels=False, duplicates="drop")
+    return cut.astype("Int64"), [float(e) for e in used]
+
+
+def regions_of(bin_index: pd.Series, n_bins: int) -> pd.Series:
+    """Bins split in thirds: small / medium / large distance."""
+    third = np.array_split(np.arange(n_bins), 3)
+    region = {int(b): name for name, group in zip(REGIONS, third) for b in group}
+    return bin_index.map(lambda b: region.get(int(b)) if pd.notna(b) else None)
+
+
+def disagreements(a: pd.DataFrame, b: pd.DataFrame, distance: pd.DataFrame, bins: int = 10,
+                  edges: list[float] | None = None) -> tuple[pd.DataFrame, list[float]]:
+    """Pairs where exactly one of A and B is correct, with distance, bin and region."""
+    m = a[[T.PAIR_ID, T.SUBSET, T.CATEGORY, T.CORRECT]].rename(columns={T.CORRECT: T.CORRECT_A})
+    m = m.merge(b[[T.PAIR_ID, T.CORRECT]].rename(columns={T.CORRECT: T.CORRECT_B}), on=T.PAIR_ID, how="inner")
+    m = m.merge(distance[[T.PAIR_ID, T.DISTANCE]], on=T.PAIR_ID, how="inner")
+    if m.empty:
+        raise GradscopeError("compare: A, B and the distances share no pair_id")
+    m[T.DISTANCE_BIN], used = bin_distances(m[T.DISTANCE], bins, edges)
+    m[T.REGION] = regions_of(m[T.DISTANCE_BIN], len(used) - 1)
+    d = m[m[T.CORRECT_A] != m[T.CORRECT_B]].copy()
+    d[T.WINNER] = np.where(d[T.CORRECT_A], "a", "b")
+    return d[list(T.DISAGREEMENTS_COLUMNS)].reset_index(drop=True), used
+
+
+def exclusive_counts(d: pd.DataFrame, n_bins: int) -> pd.DataFrame:
+    """Per bin: how many pairs only A gets right, and only B."""
+    counts = d.groupby([T.DISTANCE_BIN, T.WINNER]).size().unstack(fill_value=0)
+    counts = counts.reindex(index=range(n_bins), columns=["a", "b"], fill_value=0)
+    return counts.rename_axis(T.DISTANCE_BIN).reset_index()
+
+
+def paired_bootstrap_diff(a: pd.DataFrame, b: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Accuracy of B minus A, overall and per category, with a paired percentile-bootstrap 95%
+    interval (pairs are resampled together, so both models see the same resample)."""
+    m = a[[T.PAIR_ID, T.CATEGORY, T.CORRECT]].merge(b[[T.PAIR_ID, T.CORRECT]], on=T.PAIR_ID, suffixes=("_a", "_b"))
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, g in [("overall", m)] + list(m.groupby(T.CATEGORY, sort=True)):
+        ca, cb = g["correct_a"].to_numpy(float), g["correct_b"].to_numpy(float)
+        n = len(g)
+        diff = float(cb.mean() - ca.mean()) if n else math.nan
+        ci = [math.nan, math.nan]
+        if n >= 2 and n_boot > 0:
+            idx = rng.integers(0, n, size=(n_boot, n))
+            boots = cb[idx].mean(1) - ca[idx].mean(1)
+            ci = [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))]
+        out[name] = {"accuracy_a": float(ca.mean()) if n else math.nan, "accuracy_b": float(cb.mean()) if n else math.nan,
+                     "diff_b_minus_a": diff, "diff_ci95": ci, "n": int(n)}
+    return out
+
+
+def seed_table(runs: list[pd.DataFrame]) -> dict:
+    """Mean and standard error over runs (seeds) of each RewardBench section and the average."""
+    per_run = []
+    for df in runs:
+        s = section_scores(subset_accuracies(df))
+        per_run.append({**s["sections"], "average": s["average"]})
+    keys = list(CATEGORIES) + ["average"] + sorted({k for r in per_run for k in r} - set(CATEGORIES) - {"average"})
+    table = {}
+    for k in keys:
+        v = np.array([r.get(k, math.nan) for r in per_run], dtype=float)
+        v = v[np.isfinite(v)]
+        table[k] = {"mean": float(v.mean()) if len(v) else math.nan,
+                    "stderr": float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else math.nan, "n_runs": int(len(v))}
+    return table
+
+
+# -------------------------------------------------------------------------------------------- run
+
+
+def distances_table(cfg: CompareConfig, pair_ids: set) -> pd.DataFrame:
+    if cfg.distances:
+        df = pd.read_parquet(cfg.distances)
+        T.require_columns(df, [T.PAIR_ID, T.PROXY_L2], cfg.distances)
+        return df[[T.PAIR_ID, T.PROXY_L2]].rename(columns={T.PROXY_L2: T.DISTANCE})
+    pairs = [p for p in load_pairs(cfg.data, fields=FieldNames()) if p.pair_id in pair_ids]
+    loaded = load_model(cfg.distance_model)
+    max_pos = getattr(loaded.model.backbone.config, "max_position_embeddings", None) or cfg.max_length
+    enc = PairEncoder(loaded.tokenizer, max_length=min(cfg.max_length, max_pos))
+    scored = score_pairs(loaded, [enc.encode(p) for p in pairs], batch_size=cfg.batch_size,
+                         progress=cfg.progress, desc="distances")
+    return scored[[T.PAIR_ID, T.PROXY_L2]].rename(columns={T.PROXY_L2: T.DISTANCE})
+
+
+def run_compare(cfg: CompareConfig) -> dict:
+    if not cfg.a or not cfg.b:
+        raise GradscopeError("compare needs two models (A and B)")
+    edges = [float(x) for x in cfg.edges.split(",")] if cfg.edges else None
+    if edges is not None and (len(edges) < 2 or sorted(edges) != edges):
+        raise GradscopeError(f"--edges must be at least two increasing numbers, got {cfg.edges!r}")
+    cache: dict = {}
+    runs_a = [load_scores(s, cfg, cache) for s in cfg.a.split(",")]
+    runs_b = [load_scores(s, cfg, cache) for s in cfg.b.split(",")]
+    ids = set(runs_a[0][T.PAIR_ID]) & set(runs_b[0][T.PAIR_ID])
+    dist = distances_table(cfg, ids)
+    d, used = disagreements(runs_a[0], runs_b[0], dist, bins=cfg.bins, edges=edges)
+    n_bins = len(used) - 1
+    counts = exclusive_counts(d, n_bins)
+    counts["distance_low"], counts["distance_high"] = used[:-1], used[1:]
+    counts[T.REGION] = regions_of(counts[T.DISTANCE_BIN], n_bins)
+    out = Path(cfg.out)
+    summary = {
+        "a": cfg.a, "b": cfg.b, "label_a": cfg.label_a, "label_b": cfg.label_b, "data": cfg.data,
+        "distance_model": cfg.distances or cfg.distance_model, "n_pairs": len(ids), "n_disagreements": int(len(d)),
+        "bin_edges": used, "exclusive_correct": counts.to_dict(orient="records"),
+        "by_region": {r: {"a": int(((d[T.REGION] == r) & (d[T.WINNER] == "a")).sum()),
+                          "b": int(((d[T.REGION] == r) & (d[T.WINNER] == "b")).sum())} for r in REGIONS},
+        "accuracy_diff": paired_bootstrap_diff(runs_a[0], runs_b[0], cfg.n_boot, cfg.seed),
+        "seeds": {"a": seed_table(runs_a), "b": seed_table(runs_b)},
+        "versions": versions(), "config": dataclasses.asdict(cfg),
+    }
+    T.write_parquet(d, out / T.DISAGREEMENTS_FILE)
+    T.write_json(summary, out / T.COMPARE_FILE)
+    from .plots.fig4 import plot_fig4
+    from .plotting import save
+
+    fig = plot_fig4(counts, label_a=cfg.label_a, label_b=cfg.label_b)
+    save(fig, out / T.FIG4_FILE)
+    return summary

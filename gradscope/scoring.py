@@ -1,0 +1,44 @@
+"""Forward-only scoring of pairs: rewards and last-token distance, in batches of similar length."""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from . import tables as T
+from .data import EncodedPair, collate, stack_chosen_rejected
+from .model import LoadedModel, pad_token_id
+
+
+@torch.no_grad()
+def score_pairs(loaded: LoadedModel, encoded: list[EncodedPair], *, batch_size: int = 16,
+                padding_side: str = "right", progress: bool = False, desc: str = "score") -> pd.DataFrame:
+    """One row per pair, in input order: pair_id, subset, category, reward_chosen, reward_rejected,
+    proxy_l2 (‖h_w - h_l‖ at the last real token)."""
+    from tqdm.auto import tqdm
+
+    model = loaded.model
+    dev = next(model.parameters()).device
+    pad = pad_token_id(loaded.tokenizer)
+    order = sorted(range(len(encoded)), key=lambda i: max(len(encoded[i].chosen_ids), len(encoded[i].rejected_ids)))
+    rewards = torch.empty(len(encoded), 2, dtype=torch.float64)
+    dist = torch.empty(len(encoded), dtype=torch.float64)
+    with tqdm(total=len(encoded), unit="pair", disable=not progress, desc=desc, dynamic_ncols=True) as bar:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            ids, mask = collate([encoded[i] for i in idx], pad_id=pad, padding_side=padding_side)  # (b, 2, T)
+            out = model(stack_chosen_rejected(ids).to(dev), stack_chosen_rejected(mask).to(dev))
+            b = len(idx)
+            r = out.rewards.double().cpu()  # (2b,) [chosen; rejected]
+            h = out.last_hidden.double().cpu()  # (2b, H)
+            rewards[idx] = torch.stack([r[:b], r[b:]], dim=1)
+            dist[idx] = (h[:b] - h[b:]).norm(dim=-1)
+            bar.update(b)
+    return pd.DataFrame({
+        T.PAIR_ID: [e.pair.pair_id for e in encoded],
+        T.SUBSET: [e.pair.subset for e in encoded],
+        T.CATEGORY: [e.pair.category for e in encoded],
+        T.REWARD_CHOSEN: rewards[:, 0].numpy(),
+        T.REWARD_REJECTED: rewards[:, 1].numpy(),
+        T.PROXY_L2: dist.numpy(),
+    })
