@@ -36,6 +36,25 @@ examples:
 """
 
 
+TRAIN_DESCRIPTION = """\
+Train a reward model (gradscope's linear head on any HF backbone) with the Bradley-Terry loss, NormBT
+or one of the paper's baselines and ablations (--loss). Defaults follow the paper's Table 3: SGD with
+momentum 0.9, cosine schedule with 3% warm-up, one epoch, gradient accumulation, bf16 where the
+hardware has it, full-parameter tuning.
+
+Writes the final checkpoint into --out (HF save_pretrained backbone, head.safetensors, gradscope.json
+with the loss, its state μ_t, step, config and a hash of the data), checkpoint-STEP/ folders with
+--save-steps (resumable with --resume), and dynamics.parquet: per step loss, accuracy, learning
+rate, μ_t, quantiles of ‖h_w - h_l‖ and weight statistics (the paper's Figure 9). Run it under
+`accelerate launch` for several GPUs or processes."""
+
+TRAIN_EPILOG = """\
+examples:
+  gradscope train --loss normbt --model smollm2 --data ../shared/data/train-hh-rlhf.jsonl --limit 256 --out runs/normbt
+  gradscope train --loss normbt+margin --model minilm --data ../shared/data/train-alpacaeval-margin.jsonl
+  accelerate launch --num_processes 4 -m gradscope train --loss bt --model ./base --data org/prefs
+"""
+
 EVALUATE_DESCRIPTION = """\
 Score every pair with each --model (reward of chosen and rejected; correct when chosen >
 rejected STRICTLY, so a tie is wrong, as in RewardBench), then accuracy per subset and RewardBench v1
@@ -124,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .compare import CompareConfig
     from .evaluate import EvaluateConfig
+    from .train import TrainConfig
+
+    p = sub.add_parser("train", help="train a reward model with BT, NormBT or a baseline",
+                       description=TRAIN_DESCRIPTION, epilog=TRAIN_EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataclass_options(p, TrainConfig)
+    p.set_defaults(handler=_train)
 
     p = sub.add_parser("evaluate", help="RewardBench-style accuracy per subset and section",
                        description=EVALUATE_DESCRIPTION, epilog=EVALUATE_EPILOG,
@@ -136,6 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_options(p, CompareConfig)
     p.set_defaults(handler=_compare)
     return parser
+
+
+def _train(args) -> int:
+    from .train import TrainConfig, run_train
+
+    meta = run_train(config_from_args(TrainConfig, args), log=lambda m: print(m, file=sys.stderr))
+    if meta:
+        print(f"trained {meta['loss']} for {meta['step']} steps in {meta['seconds']:.0f} s -> {args.out}")
+        if meta["loss_state"]:
+            print(f"  loss state: {meta['loss_state']}")
+    return 0
 
 
 def _evaluate(args) -> int:

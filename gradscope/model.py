@@ -49,7 +49,7 @@ DEFAULT_MODEL = "smollm2"
 
 class RewardOutput(NamedTuple):
     rewards: torch.Tensor  # (N,)
-    last_hidden: torch.Tensor  # (N, H) final-layer state at the last real token
+    last_hidden: torch.Tensor  # (N, H) final-layer state at the last real token (the head's input)
     mean_hidden: torch.Tensor  # (N, H) mean of final-layer states over real tokens
 
 
@@ -78,13 +78,17 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 class RewardModel(nn.Module):
     """Backbone (``AutoModel``) plus a scalar linear head with bias."""
 
-    def __init__(self, backbone: nn.Module, causal: bool, head: nn.Linear | None = None, seed: int = 0):
+    def __init__(self, backbone: nn.Module, causal: bool, head: nn.Linear | None = None, seed: int = 0,
+                 head_norm: bool = False):
         super().__init__()
         self.backbone = backbone
         self.causal = causal
         hidden = backbone.config.hidden_size
+        dtype = next(backbone.parameters()).dtype
+        # optional LayerNorm before the head (a trainer option); h is then the normalised state
+        self.head_norm = nn.LayerNorm(hidden).to(dtype) if head_norm else None
         if head is None:
-            head = init_head(hidden, seed, dtype=next(backbone.parameters()).dtype)
+            head = init_head(hidden, seed, dtype=dtype)
         self.head = head
         params = inspect.signature(backbone.forward).parameters
         # BERT-style segment embeddings get segment 0; GPT-2 accepts token_type_ids too, but there
@@ -107,6 +111,8 @@ class RewardModel(nn.Module):
         h = self.backbone(**kwargs).last_hidden_state  # (N, T, H)
         idx = last_token_index(attention_mask)  # (N,)
         last = torch.gather(h, 1, idx[:, None, None].expand(-1, 1, h.shape[-1])).squeeze(1)  # (N, H)
+        if self.head_norm is not None:
+            last = self.head_norm(last)
         m = attention_mask.to(h.dtype)[..., None]  # (N, T, 1)
         mean = (h * m).sum(1) / m.sum(1).clamp(min=1)  # (N, H)
         rewards = self.head(last).squeeze(-1)  # (N,)
@@ -240,14 +246,16 @@ def load_model(
         backbone.pooler = None  # BERT's [CLS] pooler is not part of the reward path
     backbone.config.use_cache = False
     causal = probe_causal(backbone)
-    head = None
+    model = RewardModel(backbone, causal, seed=seed, head_norm=bool(meta.get("head_layernorm", False)))
     if isinstance(folder, Path) and (folder / HEAD_FILE).exists():
         from safetensors.torch import load_file
 
-        state = load_file(folder / HEAD_FILE)
-        head = nn.Linear(backbone.config.hidden_size, 1)
-        head.load_state_dict(state)
-    model = RewardModel(backbone, causal, head=head, seed=seed).to(torch_dtype).eval()
+        state = load_file(folder / HEAD_FILE)  # head.* and head_norm.* tensors
+        missing = {k for k, _ in model.named_parameters() if k.startswith("head")} - set(state)
+        if missing:
+            raise ModelError(f"{folder / HEAD_FILE}: missing {', '.join(sorted(missing))}")
+        model.load_state_dict(state, strict=False)
+    model = model.to(torch_dtype).eval()
     return LoadedModel(model, tokenizer, str(source), str(folder), meta)
 
 
@@ -256,3 +264,19 @@ def pad_token_id(tokenizer) -> int:
         if tid is not None:
             return int(tid)
     return 0
+
+
+def save_reward_model(model: RewardModel, tokenizer, path: str | os.PathLike, meta: dict) -> Path:
+    """A gradscope checkpoint: the backbone in HF ``save_pretrained`` form (safetensors), the
+    tokenizer, ``head.safetensors`` (head and optional head norm) and ``gradscope.json``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.backbone.save_pretrained(path, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    head = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k.startswith("head")}
+    save_file(head, str(path / HEAD_FILE))
+    (path / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    return path

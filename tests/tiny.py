@@ -84,6 +84,8 @@ def save_tiny_model_dir(path, kind: str = "llama", seed: int = 0):
     """A local HF model folder (tiny backbone + tiny tokenizer) as a user would have on disk."""
     tok = tiny_tokenizer()
     bb = tiny_backbone(kind, seed, vocab=len(tok))
+    if kind == "llama":  # rotary positions: room for whole demo pairs at the byte level
+        bb.config.max_position_embeddings = 512
     bb.save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -1,0 +1,126 @@
+"""`gradscope train` on a tiny model: every loss learns, resume is exact, two processes = one."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import gradscope.train as train_mod
+from gradscope.data import PairEncoder, collate, demo_path, load_pairs, stack_chosen_rejected
+from gradscope.errors import DataError
+from gradscope.losses import LOSSES
+from gradscope.model import load_model
+from gradscope.train import TrainConfig, run_train
+
+
+@pytest.fixture(scope="module")
+def margin_data(tmp_path_factory):
+    """The first 16 demo pairs with made-up positive margins."""
+    rows = [json.loads(line) for line in demo_path().read_text().splitlines()][:16]
+    path = tmp_path_factory.mktemp("data") / "margins.jsonl"
+    path.write_text("".join(json.dumps({**r, "margin": 0.5 + (i % 3)}) + "\n" for i, r in enumerate(rows)))
+    return path
+
+
+def cfg(model, data, out, **kw):
+    base = dict(model=str(model), data=str(data), out=str(out), batch_size=4, grad_accum=1, lr=2e-3,
+                max_length=384, progress=False, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def bt_loss_on(model_dir, data) -> float:
+    loaded = load_model(str(model_dir), dtype="float64")
+    enc = [PairEncoder(loaded.tokenizer, max_length=384).encode(p) for p in load_pairs(data)]
+    assert not any(e.identical for e in enc)
+    ids, mask = collate(enc)
+    with torch.no_grad():
+        r = loaded.model(stack_chosen_rejected(ids), stack_chosen_rejected(mask)).rewards
+    return float(-torch.nn.functional.logsigmoid(r[: len(enc)] - r[len(enc):]).mean())
+
+
+@pytest.mark.parametrize("loss", sorted(LOSSES))
+def test_every_loss_lowers_the_bt_loss(loss, tiny_model_dir, margin_data, tmp_path):
+    before = bt_loss_on(tiny_model_dir, margin_data)
+    meta = run_train(cfg(tiny_model_dir, margin_data, tmp_path, loss=loss, epochs=4), log=lambda m: None)
+    after = bt_loss_on(tmp_path, margin_data)
+    assert meta["step"] == 16 and meta["loss"] == loss
+    assert after < before - 0.02, (before, after)
+
+
+def test_dynamics_and_checkpoint_contents(tiny_model_dir, margin_data, tmp_path):
+    import pandas as pd
+
+    run_train(cfg(tiny_model_dir, margin_data, tmp_path, loss="normbt", epochs=2, log_pairs=True), log=lambda m: None)
+    dyn = pd.read_parquet(tmp_path / "dynamics.parquet")
+    assert list(dyn["step"]) == list(range(1, 9))
+    for col in ("loss", "accuracy", "lr", "mu", "dist_min", "dist_p10", "dist_p25", "dist_p50", "dist_p75",
+                "dist_p90", "dist_max", "dist_mean", "weight_min", "weight_max", "weight_ess"):
+        assert dyn[col].notna().all(), col
+    assert (dyn["dist_min"] <= dyn["dist_p50"]).all() and (dyn["dist_p50"] <= dyn["dist_max"]).all()
+    pairs = pd.read_parquet(tmp_path / "pairs_log.parquet")
+    assert len(pairs) == 8 * 4 and set(pairs.columns) == {"step", "pair_id", "d", "distance", "weight"}
+    meta = json.loads((tmp_path / "gradscope.json").read_text())
+    assert meta["loss_state"]["steps"] == 8 and len(meta["data_hash"]) == 64
+    # the checkpoint loads back for correlate / evaluate, head included
+    loaded = load_model(str(tmp_path))
+    torch.testing.assert_close(loaded.model.head.weight, load_file(tmp_path / "head.safetensors")["head.weight"])
+
+
+def test_resume_after_a_kill_ends_with_the_same_weights(tiny_model_dir, margin_data, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    run_train(cfg(tiny_model_dir, margin_data, full, loss="normbt", max_steps=8, save_steps=4), log=lambda m: None)
+
+    killed = tmp_path / "killed"
+    real = train_mod._checkpoint
+
+    def checkpoint_then_die(*args, **kw):
+        real(*args, **kw)
+        if args[8] == 4:  # the step argument
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "_checkpoint", checkpoint_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(cfg(tiny_model_dir, margin_data, killed, loss="normbt", max_steps=8, save_steps=4), log=lambda m: None)
+    monkeypatch.setattr(train_mod, "_checkpoint", real)
+    assert not (killed / "gradscope.json").exists() and (killed / "checkpoint-4").exists()
+    run_train(cfg(tiny_model_dir, margin_data, killed, loss="normbt", max_steps=8, save_steps=4, resume="last"),
+              log=lambda m: None)
+    for f in ("model.safetensors", "head.safetensors"):
+        a, b = load_file(full / f), load_file(killed / f)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{f}:{k}")
+    ma, mb = (json.loads((p / "gradscope.json").read_text()) for p in (full, killed))
+    assert ma["loss_state"] == mb["loss_state"]
+
+
+def test_margin_loss_without_margins_is_a_clear_error(tiny_model_dir, tmp_path):
+    with pytest.raises(DataError, match="needs a margin.*field 'margin'|field 'margin'.*needs a margin"):
+        run_train(cfg(tiny_model_dir, "demo", tmp_path, loss="margin"), log=lambda m: None)
+    assert not (tmp_path / "gradscope.json").exists()
+
+
+def test_two_processes_train_as_one_on_the_same_global_batch(tiny_model_dir, margin_data, tmp_path):
+    from test_correlate import free_port
+
+    one = tmp_path / "one"
+    run_train(cfg(tiny_model_dir, margin_data, one, loss="normbt", batch_size=4, grad_accum=2, epochs=2),
+              log=lambda m: None)
+    two = tmp_path / "two"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "gradscope", "train", "--model", str(tiny_model_dir), "--data", str(margin_data), "--out", str(two),
+           "--loss", "normbt", "--batch-size", "2", "--grad-accum", "2", "--epochs", "2", "--lr", "2e-3",
+           "--max-length", "384", "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for f in ("model.safetensors", "head.safetensors"):
+        a, b = load_file(one / f), load_file(two / f)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=lambda m, k=k: f"{f}:{k}: {m}")
+    ma, mb = (json.loads((p / "gradscope.json").read_text()) for p in (one, two))
+    assert mb["processes"] == 2 and ma["loss_state"]["mu"] == pytest.approx(mb["loss_state"]["mu"], rel=1e-5)
