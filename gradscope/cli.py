@@ -161,7 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_options(p, CompareConfig)
     p.set_defaults(handler=_compare)
+    p = sub.add_parser("export", help="write a checkpoint as *ForSequenceClassification (or say why not)",
+                       description="Write a gradscope checkpoint as the architecture's *ForSequenceClassification "
+                       "(HF save_pretrained), after checking that it gives the same rewards on demo pairs; refuse "
+                       "with the reason when it cannot (encoders pool [CLS]; pad == eos pooling; a head norm).")
+    p.add_argument("checkpoint", help="a gradscope checkpoint folder (gradscope train --out)")
+    p.add_argument("out", help="output folder")
+    p.set_defaults(handler=_export)
     return parser
+
+
+def _export(args) -> int:
+    from .export import export_sequence_classification
+
+    print(f"-> {export_sequence_classification(args.checkpoint, args.out)}")
+    return 0
 
 
 def _train(args) -> int:

@@ -124,3 +124,27 @@ def test_two_processes_train_as_one_on_the_same_global_batch(tiny_model_dir, mar
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=lambda m, k=k: f"{f}:{k}: {m}")
     ma, mb = (json.loads((p / "gradscope.json").read_text()) for p in (one, two))
     assert mb["processes"] == 2 and ma["loss_state"]["mu"] == pytest.approx(mb["loss_state"]["mu"], rel=1e-5)
+
+
+def test_export_gives_the_same_rewards_or_refuses(tiny_model_dir, margin_data, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from gradscope.errors import GradscopeError
+    from gradscope.export import export_sequence_classification
+
+    ckpt = tmp_path / "ckpt"
+    run_train(cfg(tiny_model_dir, margin_data, ckpt, loss="bt", max_steps=2), log=lambda m: None)
+    out = export_sequence_classification(str(ckpt), str(tmp_path / "seq"))
+    seq = AutoModelForSequenceClassification.from_pretrained(out)
+    loaded = load_model(str(ckpt))
+    enc = [PairEncoder(loaded.tokenizer, max_length=384).encode(p) for p in load_pairs(margin_data, limit=4)]
+    ids, mask = collate(enc, pad_id=loaded.tokenizer.pad_token_id)
+    ids, mask = stack_chosen_rejected(ids), stack_chosen_rejected(mask)
+    with torch.no_grad():
+        torch.testing.assert_close(seq(input_ids=ids, attention_mask=mask).logits.squeeze(-1),
+                                   loaded.model(ids, mask).rewards, rtol=1e-4, atol=1e-5)
+    with pytest.raises(GradscopeError, match="pad == eos"):
+        export_sequence_classification("smollm2", str(tmp_path / "no"))
+    with pytest.raises(GradscopeError, match="encoder"):
+        export_sequence_classification("minilm", str(tmp_path / "no"))
+    assert not (tmp_path / "no").exists()
