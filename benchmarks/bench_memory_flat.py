@@ -1,9 +1,12 @@
 """Memory of a long `gradscope correlate` run stays flat: rows stream to disk batch by batch.
 
-Writes N pairs (the built-in demo pairs, cycled with fresh ids) to a temporary JSONL file, runs
-`gradscope correlate` on it in a subprocess, and samples the subprocess's resident memory every
-0.2 s together with the number of pairs already on disk (from the part files). Prints the peak
-resident memory within each tenth of the run: flat rows mean memory does not grow with pairs.
+Writes N copies of one demo pair (fresh ids; one pair, so that every batch has the same length:
+correlate batches pairs by length, and with mixed lengths the activation memory of later, longer
+batches would hide or mimic a leak) to a temporary JSONL file, runs `gradscope correlate` on it in
+a subprocess, and samples the subprocess's resident memory every 0.2 s together with the number of
+pairs already on disk (from the part files). Prints the peak resident memory within each tenth of
+the run: flat rows mean memory does not grow with the number of pairs. The first tenth includes
+model loading; the last, the final merge of the part files and the figure.
 
     python benchmarks/bench_memory_flat.py                         # 10,000 pairs on MiniLM
     python benchmarks/bench_memory_flat.py --pairs 2000 --model smollm2
@@ -53,6 +56,8 @@ def main() -> None:
     ap.add_argument("--model", default="minilm")
     ap.add_argument("--engine", default="auto")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--pair", type=int, default=48, help="index of the demo pair to repeat")
+    ap.add_argument("--mixed", action="store_true", help="cycle all demo pairs instead (mixed lengths)")
     args = ap.parse_args()
 
     demo = [json.loads(line) for line in demo_path().read_text().splitlines() if line.strip()]
@@ -60,7 +65,7 @@ def main() -> None:
         data = Path(tmp) / "pairs.jsonl"
         with data.open("w") as f:
             for i in range(args.pairs):
-                row = dict(demo[i % len(demo)], id=f"pair-{i:06d}")
+                row = dict(demo[i % len(demo)] if args.mixed else demo[args.pair], id=f"pair-{i:06d}")
                 f.write(json.dumps(row) + "\n")
         out = Path(tmp) / "out"
         cmd = [sys.executable, "-m", "gradscope", "correlate", "--model", args.model, "--data", str(data),

@@ -161,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_options(p, CompareConfig)
     p.set_defaults(handler=_compare)
+    p = sub.add_parser("figures", help="regenerate the paper's figures from the tables under a results directory",
+                       description="Draw Figures 2, 3, 8 (from pairs.parquet), 4 (from compare.json) and 9 (from "
+                       "dynamics.parquet) for every table found under RESULTS_DIR, as PNG and PDF into "
+                       "RESULTS_DIR/figures (or --out); say which were skipped and why. Reads tables only.")
+    p.add_argument("results_dir", metavar="RESULTS_DIR")
+    p.add_argument("--out", help="output folder (default RESULTS_DIR/figures)")
+    p.set_defaults(handler=_figures)
     p = sub.add_parser("export", help="write a checkpoint as *ForSequenceClassification (or say why not)",
                        description="Write a gradscope checkpoint as the architecture's *ForSequenceClassification "
                        "(HF save_pretrained), after checking that it gives the same rewards on demo pairs; refuse "
@@ -169,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="output folder")
     p.set_defaults(handler=_export)
     return parser
+
+
+def _figures(args) -> int:
+    from .figures import make_all
+
+    try:
+        make_all(args.results_dir, args.out)
+    except FileNotFoundError as e:
+        raise GradscopeError(str(e)) from None
+    return 0
 
 
 def _export(args) -> int:

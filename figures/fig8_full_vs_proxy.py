@@ -1,0 +1,15 @@
+"""Figure 8: full ‖∇θ(r_w - r_l)‖ against ‖h_w - h_l‖, one panel per run (LABEL=pairs.parquet).
+
+    python figures/fig8_full_vs_proxy.py base=results/base/pairs.parquet trained=results/bt/pairs.parquet
+"""
+import argparse
+
+from gradscope.figures import fig8
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", help="LABEL=path/to/pairs.parquet (or a path: its folder names it)")
+    ap.add_argument("--out", default="figures/fig8")
+    a = ap.parse_args()
+    runs = dict(r.split("=", 1) if "=" in r else (r.rsplit("/", 2)[-2], r) for r in a.runs)
+    print("\n".join(fig8(runs, a.out)))
