@@ -179,6 +179,24 @@ def per_pair_table(loaded: LoadedModel, encoded: list[EncodedPair], *, engine: s
         bar.close()
 
 
+def compute_pairs(loaded: LoadedModel, pairs, *, engine: str = AUTO, max_length: int = 1024,
+                  chat_template: bool = True, batch_size: int = 8, progress: bool = False):
+    """The Python API: every per-pair quantity of ``pairs`` (from :func:`gradscope.data.load_pairs`)
+    under ``loaded`` (from :func:`gradscope.model.load_model`), in input order.
+
+    Returns ``(pairs_df, blocks_df)`` with the columns of pairs.parquet and grad_blocks.parquet."""
+    encoder = PairEncoder(loaded.tokenizer, max_length=max_length, chat_template=chat_template)
+    encoded = [encoder.encode(p) for p in pairs]
+    frames = list(per_pair_table(loaded, encoded, engine=resolve_engine(engine, loaded.model),
+                                 batch_size=batch_size, progress=progress))
+    order = {e.pair.pair_id: i for i, e in enumerate(encoded)}
+    df = pd.concat([f[0] for f in frames], ignore_index=True)
+    blocks = pd.concat([f[1] for f in frames], ignore_index=True)
+    key = lambda s: s.map(order)  # noqa: E731
+    return (df.sort_values(T.PAIR_ID, key=key).reset_index(drop=True),
+            blocks.sort_values(T.PAIR_ID, key=key, kind="stable").reset_index(drop=True))
+
+
 def _to_cpu(g: PairGrads) -> PairGrads:
     return PairGrads(g.names, g.sq_norms.cpu(), g.rewards.float().cpu() if g.rewards.dtype == torch.bfloat16
                      else g.rewards.cpu(), g.last_hidden.cpu(), g.mean_hidden.cpu())

@@ -36,10 +36,7 @@ def color_of(category: str, others: list[str] | None = None) -> str:
 
 @contextlib.contextmanager
 def style():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # headless machines fall back to Agg; notebooks keep inline
 
     with plt.rc_context(STYLE):
         yield plt
