@@ -4,12 +4,11 @@
 """
 import argparse
 
-from gradscope.figures import fig9
+from gradscope.figures import fig9, parse_runs
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="LABEL=path/to/dynamics.parquet (or a path: its folder names it)")
     ap.add_argument("--out", default="figures/fig9")
     a = ap.parse_args()
-    runs = dict(r.split("=", 1) if "=" in r else (r.rsplit("/", 2)[-2], r) for r in a.runs)
-    print("\n".join(fig9(runs, a.out)))
+    print("\n".join(fig9(parse_runs(a.runs), a.out)))

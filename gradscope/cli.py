@@ -135,32 +135,25 @@ def build_parser() -> argparse.ArgumentParser:
                     "does the loss actually learn from?")
     parser.add_argument("--version", action="version", version=f"gradscope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    p = sub.add_parser("correlate", help="per-pair gradient norms vs representation-distance proxies",
-                       description=CORRELATE_DESCRIPTION, epilog=CORRELATE_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_options(p, CorrelateConfig)
-    p.set_defaults(handler=_correlate)
-
     from .compare import CompareConfig
     from .evaluate import EvaluateConfig
     from .train import TrainConfig
 
-    p = sub.add_parser("train", help="train a reward model with BT, NormBT or a baseline",
-                       description=TRAIN_DESCRIPTION, epilog=TRAIN_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_options(p, TrainConfig)
-    p.set_defaults(handler=_train)
-
-    p = sub.add_parser("evaluate", help="RewardBench-style accuracy per subset and section",
-                       description=EVALUATE_DESCRIPTION, epilog=EVALUATE_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_options(p, EvaluateConfig)
-    p.set_defaults(handler=_evaluate)
-    p = sub.add_parser("compare", help="where two models disagree, binned by representation distance",
-                       description=COMPARE_DESCRIPTION, epilog=COMPARE_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_options(p, CompareConfig)
-    p.set_defaults(handler=_compare)
+    commands = [  # name, one-line help, description, epilog, config dataclass, handler
+        ("correlate", "per-pair gradient norms vs representation-distance proxies", CORRELATE_DESCRIPTION,
+         CORRELATE_EPILOG, CorrelateConfig, _correlate),
+        ("train", "train a reward model with BT, NormBT or a baseline", TRAIN_DESCRIPTION, TRAIN_EPILOG,
+         TrainConfig, _train),
+        ("evaluate", "RewardBench-style accuracy per subset and section", EVALUATE_DESCRIPTION, EVALUATE_EPILOG,
+         EvaluateConfig, _evaluate),
+        ("compare", "where two models disagree, binned by representation distance", COMPARE_DESCRIPTION,
+         COMPARE_EPILOG, CompareConfig, _compare),
+    ]
+    for name, help_, description, epilog, config, handler in commands:
+        p = sub.add_parser(name, help=help_, description=description, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_dataclass_options(p, config)
+        p.set_defaults(handler=handler, config=config)
     p = sub.add_parser("figures", help="regenerate the paper's figures from the tables under a results directory",
                        description="Draw Figures 2, 3, 8 (from pairs.parquet), 4 (from compare.json) and 9 (from "
                        "dynamics.parquet) for every table found under RESULTS_DIR, as PNG and PDF into "
@@ -196,9 +189,9 @@ def _export(args) -> int:
 
 
 def _train(args) -> int:
-    from .train import TrainConfig, run_train
+    from .train import run_train
 
-    meta = run_train(config_from_args(TrainConfig, args), log=lambda m: print(m, file=sys.stderr))
+    meta = run_train(config_from_args(args.config, args), log=lambda m: print(m, file=sys.stderr))
     if meta:
         print(f"trained {meta['loss']} for {meta['step']} steps in {meta['seconds']:.0f} s -> {args.out}")
         if meta["loss_state"]:
@@ -207,18 +200,18 @@ def _train(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from .evaluate import EvaluateConfig, results_markdown, run_evaluate
+    from .evaluate import results_markdown, run_evaluate
 
-    rows = run_evaluate(config_from_args(EvaluateConfig, args))
+    rows = run_evaluate(config_from_args(args.config, args))
     print(results_markdown(rows), end="")
     print(f"-> {args.out}")
     return 0
 
 
 def _compare(args) -> int:
-    from .compare import CompareConfig, run_compare
+    from .compare import run_compare
 
-    s = run_compare(config_from_args(CompareConfig, args))
+    s = run_compare(config_from_args(args.config, args))
     print(f"{s['n_pairs']} pairs, {s['n_disagreements']} disagreements ({s['label_a']} vs {s['label_b']})")
     for region, c in s["by_region"].items():
         print(f"  {region:>6} distance: only {s['label_a']} correct {c['a']:4d}   only {s['label_b']} correct {c['b']:4d}")
@@ -231,9 +224,9 @@ def _compare(args) -> int:
 
 
 def _correlate(args) -> int:
-    from .correlate import CorrelateConfig, run_correlate
+    from .correlate import run_correlate
 
-    cfg = config_from_args(CorrelateConfig, args)
+    cfg = config_from_args(args.config, args)
     summary = run_correlate(cfg, log=lambda m: print(m, file=sys.stderr))
     if not summary:  # a non-main process of a sharded run: the main process reports
         return 0

@@ -22,6 +22,19 @@ def _find(root: Path, name: str) -> list[Path]:
                   and ".partial" not in p.parts and not any(part.startswith("checkpoint-") for part in p.parts))
 
 
+def parse_runs(items: list[str]) -> dict[str, str]:
+    """``LABEL=path`` (or a bare path, labelled by its folder) -> {label: path}.
+
+    >>> parse_runs(["BT=runs/bt/dynamics.parquet", "runs/normbt/dynamics.parquet"])
+    {'BT': 'runs/bt/dynamics.parquet', 'normbt': 'runs/normbt/dynamics.parquet'}
+    """
+    out = {}
+    for item in items:
+        label, path = item.split("=", 1) if "=" in item else (Path(item).parent.name or item, item)
+        out[label] = path
+    return out
+
+
 def fig2(pairs_path, out, title=None) -> list[str]:
     from .plots.fig2 import plot_fig2
     from .plotting import save
