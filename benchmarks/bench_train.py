@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gradscope.data import collate, load_pairs, PairEncoder, stack_chosen_rejected  # noqa: E402
+from gradscope.data import PairEncoder, collate, load_pairs, stack_chosen_rejected  # noqa: E402
 from gradscope.losses import PairFeatures, build_loss  # noqa: E402
 from gradscope.model import load_model, pad_token_id  # noqa: E402
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from . import tables as T
-from .correlate import opt, versions
+from .config import opt, versions
 from .data import FieldNames, PairEncoder, load_pairs
 from .errors import GradscopeError
 from .evaluate import EvaluateConfig, evaluate_model, section_scores, subset_accuracies

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import platform
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +14,8 @@ import pandas as pd
 import torch
 from accelerate import PartialState
 
-from . import __version__
 from . import tables as T
+from .config import opt, versions
 from .data import SAMPLE_MODES, EncodedPair, FieldNames, PairEncoder, collate, load_pairs
 from .errors import GradscopeError
 from .gradients import AUTO, ENGINES, PairGrads, block_of, block_order, get_engine, resolve_engine
@@ -25,11 +24,6 @@ from .proxies import PROXIES
 from .stats import by_category, by_reward_diff_bin, correlations
 
 PARTIAL_DIR = ".partial"
-
-
-def opt(default, help: str, **kw):
-    """A config field with its help text, written once (the CLI reads it)."""
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
@@ -95,18 +89,6 @@ class CorrelateConfig:
         skip = {"out", "resume", "progress", "threads", "batch_size", "chunk_size", "padding_side",
                 "engine", "n_bins", "n_boot"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"gradscope": __version__, "python": platform.python_version()}
-    for pkg in ("torch", "transformers", "numpy", "pandas", "scipy", "pyarrow"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 # ------------------------------------------------------------------------------------- per batch
@@ -318,8 +300,8 @@ def summarise(df: pd.DataFrame, cfg: CorrelateConfig, loaded: LoadedModel, *, en
 
 
 def write_fig8(df: pd.DataFrame, path: Path, title: str) -> None:
-    from .plotting import save
     from .plots.fig8 import Panel, plot_fig8
+    from .plotting import save
 
     fig = plot_fig8([Panel(f"{title}: all parameters", df, T.GRAD_NORM),
                      Panel(f"{title}: backbone only", df, T.GRAD_NORM_BACKBONE)])

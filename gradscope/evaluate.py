@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from . import tables as T
-from .correlate import opt, versions
+from .config import opt, versions
 from .data import SAMPLE_MODES, FieldNames, PairEncoder, load_pairs
 from .errors import GradscopeError
 from .model import ALIASES, DEFAULT_MODEL, DTYPES, load_model

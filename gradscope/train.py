@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from . import tables as T
-from .correlate import opt, versions
+from .config import opt, versions
 from .data import SAMPLE_MODES, EncodedPair, FieldNames, PairEncoder, collate, load_pairs, stack_chosen_rejected
 from .errors import DataError, GradscopeError
 from .losses import LOSSES, PairFeatures, build_loss, effective_sample_size
@@ -175,6 +175,12 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
     from transformers import get_cosine_schedule_with_warmup
 
     cfg.validate()
+    if cfg.report_to != "none":
+        import importlib.util
+
+        module = {"tensorboard": "tensorboard", "wandb": "wandb"}[cfg.report_to]
+        if importlib.util.find_spec(module) is None and not (module == "tensorboard" and importlib.util.find_spec("tensorboardX")):
+            raise GradscopeError(f"--report-to {cfg.report_to} needs the package {module}: pip install {module}")
     t0 = time.perf_counter()
     cuda = torch.cuda.is_available()
     mixed = "bf16" if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and cuda and torch.cuda.is_bf16_supported()) else "no"

@@ -6,8 +6,6 @@ import math
 
 import numpy as np
 import pandas as pd
-import pytest
-import torch
 
 from gradscope import tables as T
 from gradscope.cli import main

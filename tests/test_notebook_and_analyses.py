@@ -1,6 +1,5 @@
 """The quickstart notebook executes (tiny setting), and the smoke analyses run end to end."""
 
-import os
 import sys
 from pathlib import Path
 
