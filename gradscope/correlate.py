@@ -48,7 +48,7 @@ class CorrelateConfig:
                           "end and flagged in the 'truncated' column.")
     limit: int | None = opt(None, "Keep only N pairs (a quick look at a large set); see --sample.")
     sample: str = opt("first", "Which N pairs --limit keeps: the first N, or N spread evenly over "
-                      "categories.", choices=list(SAMPLE_MODES))
+                      "the subsets of every category.", choices=list(SAMPLE_MODES))
     split: str = opt("train", "Split, for hub dataset ids.")
     prompt_field: str = opt("prompt", "Row field holding the prompt (string or list of messages).")
     chosen_field: str = opt("chosen", "Row field holding the chosen response.")

@@ -71,7 +71,7 @@ def load_pairs(
     ``source`` is ``"demo"`` (the built-in demo set), a local ``.jsonl/.json/.parquet/.csv`` file,
     or a Hugging Face hub dataset id (read with ``datasets.load_dataset(source, split=split)``).
     ``limit`` keeps N pairs: the first N (``sample="first"``) or N spread evenly over the
-    categories in file order (``sample="stratified"``).
+    subsets of every category, in file order within each (``sample="stratified"``).
     """
     if sample not in SAMPLE_MODES:
         raise DataError(str(source), f"unknown sample mode {sample!r}; known: {', '.join(SAMPLE_MODES)}")
@@ -253,12 +253,12 @@ def _check_unique_ids(pairs: list[Pair], source: str) -> None:
 def _take(pairs: list[Pair], n: int, mode: str) -> list[Pair]:
     if mode == "first" or n >= len(pairs):
         return pairs[:n]
-    by_cat: dict[str, list[int]] = defaultdict(list)
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, p in enumerate(pairs):
-        by_cat[p.category].append(i)
-    queues = [iter(v) for v in by_cat.values()]
+        groups[(p.category, p.subset)].append(i)
+    queues = [iter(v) for v in groups.values()]
     picked: list[int] = []
-    while len(picked) < n:  # round-robin over categories, in file order within each
+    while len(picked) < n:  # round-robin over (category, subset) groups, in file order within each
         for q in list(queues):
             i = next(q, None)
             if i is None:

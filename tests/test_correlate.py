@@ -50,7 +50,7 @@ def test_contract_columns_and_files(demo_run):
     c = s["correlations"][T.PROXY_L2]["overall"]["without_head"]
     assert set(c) == {"pearson_r", "pearson_ci95", "spearman_rho", "n"} and c["n"] == 24
     assert set(s["correlations"][T.PROXY_COSINE]) == {"overall", "chat", "chat-hard", "safety", "reasoning"}
-    assert s["by_category"]["reasoning"][T.PROXY_L2]["count"] == 6
+    assert s["by_category"]["reasoning"][T.PROXY_L2]["count"] == 9  # round-robin over 5 subsets: code 5, math 4
     assert sum(b["n"] for b in s["by_reward_diff_bin"]) == 24
     assert (out / T.FIG8_FILE).stat().st_size > 10_000
     assert not (out / correlate_mod.PARTIAL_DIR).exists()
