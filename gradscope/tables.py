@@ -71,10 +71,25 @@ def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> Path:
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Strict JSON: NaN and infinities (an undefined statistic) are written as null."""
     def write(tmp: Path) -> None:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+        tmp.write_text(json.dumps(_finite_or_null(obj), indent=2, default=_json_default, allow_nan=False) + "\n")
 
     return atomic_write_bytes(path, write)
+
+
+def _finite_or_null(o: Any) -> Any:
+    import math
+
+    import numpy as np
+
+    if isinstance(o, (float, np.floating)):
+        return float(o) if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite_or_null(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite_or_null(v) for v in o]
+    return o
 
 
 def _json_default(o: Any):

@@ -43,3 +43,11 @@ def test_by_category_and_bins():
     assert [b["n"] for b in bins] == [4, 4]
     assert all(b["spearman_rho"] == 1.0 for b in bins)
     assert bins[0]["reward_diff_high"] <= bins[1]["reward_diff_low"] + 1e-12
+
+
+def test_summaries_are_strict_json_with_null_for_undefined(tmp_path):
+    from gradscope.tables import write_json
+
+    write_json({"r": float("nan"), "ci": [np.float64("inf"), 0.5], "n": np.int64(2)}, tmp_path / "s.json")
+    assert (tmp_path / "s.json").read_text().split() == ['{', '"r":', 'null,', '"ci":', '[', 'null,', '0.5', '],',
+                                                          '"n":', '2', '}']
