@@ -171,12 +171,19 @@ def compute_pairs(loaded: LoadedModel, pairs, *, engine: str = AUTO, max_length:
     encoded = [encoder.encode(p) for p in pairs]
     frames = list(per_pair_table(loaded, encoded, engine=resolve_engine(engine, loaded.model),
                                  batch_size=batch_size, progress=progress))
+    return in_input_order([f[0] for f in frames], [f[1] for f in frames], encoded)
+
+
+def in_input_order(pair_frames, block_frames, encoded: list[EncodedPair]):
+    """Concatenate per-batch frames (batches run in length order) back into input order."""
     order = {e.pair.pair_id: i for i, e in enumerate(encoded)}
-    df = pd.concat([f[0] for f in frames], ignore_index=True)
-    blocks = pd.concat([f[1] for f in frames], ignore_index=True)
-    key = lambda s: s.map(order)  # noqa: E731
-    return (df.sort_values(T.PAIR_ID, key=key).reset_index(drop=True),
-            blocks.sort_values(T.PAIR_ID, key=key, kind="stable").reset_index(drop=True))
+
+    def key(s):
+        return s.map(order)
+
+    df = pd.concat(pair_frames, ignore_index=True).sort_values(T.PAIR_ID, key=key).reset_index(drop=True)
+    blocks = pd.concat(block_frames, ignore_index=True)
+    return df, blocks.sort_values(T.PAIR_ID, key=key, kind="stable").reset_index(drop=True)
 
 
 def _to_cpu(g: PairGrads) -> PairGrads:
@@ -251,13 +258,10 @@ def run_correlate(cfg: CorrelateConfig, log=print) -> dict:
     if not state.is_main_process:
         return {}
 
-    order = {e.pair.pair_id: i for i, e in enumerate(encoded)}
     pair_files = sorted(partial.glob("pairs-*.parquet"))
-    df = pd.concat([pd.read_parquet(f) for f in pair_files], ignore_index=True)
-    df = df.sort_values(T.PAIR_ID, key=lambda s: s.map(order)).reset_index(drop=True)
-    blocks = pd.concat([pd.read_parquet(f.with_name(f.name.replace("pairs-", "blocks-"))) for f in pair_files],
-                       ignore_index=True)
-    blocks = blocks.sort_values(T.PAIR_ID, key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
+    df, blocks = in_input_order([pd.read_parquet(f) for f in pair_files],
+                                [pd.read_parquet(f.with_name(f.name.replace("pairs-", "blocks-"))) for f in pair_files],
+                                encoded)
 
     summary = summarise(df, cfg, loaded, engine=engine, seconds=time.perf_counter() - t0,
                         resumed=bool(done), max_length=max_len)
