@@ -15,7 +15,7 @@ from .config import opt, versions
 from .data import FieldNames, PairEncoder, load_pairs
 from .errors import GradscopeError
 from .evaluate import EvaluateConfig, evaluate_model, section_scores, subset_accuracies
-from .model import DEFAULT_MODEL, load_model
+from .model import DEFAULT_MODEL, fit_max_length, load_model
 from .rewardbench import CATEGORIES
 from .scoring import score_pairs
 
@@ -150,8 +150,7 @@ def distances_table(cfg: CompareConfig, pair_ids: set) -> pd.DataFrame:
         return df[[T.PAIR_ID, T.PROXY_L2]].rename(columns={T.PROXY_L2: T.DISTANCE})
     pairs = [p for p in load_pairs(cfg.data, fields=FieldNames()) if p.pair_id in pair_ids]
     loaded = load_model(cfg.distance_model)
-    max_pos = getattr(loaded.model.backbone.config, "max_position_embeddings", None) or cfg.max_length
-    enc = PairEncoder(loaded.tokenizer, max_length=min(cfg.max_length, max_pos))
+    enc = PairEncoder(loaded.tokenizer, max_length=fit_max_length(loaded.model, cfg.max_length))
     scored = score_pairs(loaded, [enc.encode(p) for p in pairs], batch_size=cfg.batch_size,
                          progress=cfg.progress, desc="distances")
     return scored[[T.PAIR_ID, T.PROXY_L2]].rename(columns={T.PROXY_L2: T.DISTANCE})

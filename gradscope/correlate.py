@@ -19,7 +19,7 @@ from .config import opt, versions
 from .data import SAMPLE_MODES, EncodedPair, FieldNames, PairEncoder, collate, load_pairs
 from .errors import GradscopeError
 from .gradients import AUTO, ENGINES, PairGrads, block_of, block_order, get_engine, resolve_engine
-from .model import ALIASES, DEFAULT_MODEL, DTYPES, LoadedModel, load_model, pad_token_id
+from .model import ALIASES, DEFAULT_MODEL, DTYPES, LoadedModel, fit_max_length, load_model, pad_token_id
 from .proxies import PROXIES
 from .stats import by_category, by_reward_diff_bin, correlations
 
@@ -167,7 +167,8 @@ def compute_pairs(loaded: LoadedModel, pairs, *, engine: str = AUTO, max_length:
     under ``loaded`` (from :func:`gradscope.model.load_model`), in input order.
 
     Returns ``(pairs_df, blocks_df)`` with the columns of pairs.parquet and grad_blocks.parquet."""
-    encoder = PairEncoder(loaded.tokenizer, max_length=max_length, chat_template=chat_template)
+    encoder = PairEncoder(loaded.tokenizer, max_length=fit_max_length(loaded.model, max_length),
+                          chat_template=chat_template)
     encoded = [encoder.encode(p) for p in pairs]
     frames = list(per_pair_table(loaded, encoded, engine=resolve_engine(engine, loaded.model),
                                  batch_size=batch_size, progress=progress))
@@ -207,11 +208,9 @@ def run_correlate(cfg: CorrelateConfig, log=print) -> dict:
     loaded = load_model(cfg.model, dtype=cfg.dtype, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
                         revision=cfg.revision)
     engine = resolve_engine(cfg.engine, loaded.model)
-    max_len = cfg.max_length
-    max_pos = getattr(loaded.model.backbone.config, "max_position_embeddings", None)
-    if max_pos and max_len > max_pos:
-        log(f"note: --max-length {max_len} exceeds the model's {max_pos} positions; using {max_pos}")
-        max_len = max_pos
+    max_len = fit_max_length(loaded.model, cfg.max_length)
+    if max_len < cfg.max_length:
+        log(f"note: --max-length {cfg.max_length} exceeds the model's {max_len} positions; using {max_len}")
     encoder = PairEncoder(loaded.tokenizer, max_length=max_len, chat_template=cfg.chat_template)
     encoded = [encoder.encode(p) for p in pairs]
 

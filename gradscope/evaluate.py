@@ -16,7 +16,7 @@ from . import tables as T
 from .config import opt, versions
 from .data import SAMPLE_MODES, FieldNames, PairEncoder, load_pairs
 from .errors import GradscopeError
-from .model import ALIASES, DEFAULT_MODEL, DTYPES, load_model
+from .model import ALIASES, DEFAULT_MODEL, DTYPES, fit_max_length, load_model
 from .rewardbench import CATEGORIES, EXAMPLE_COUNTS, SECTIONS, SUBSET_TO_CATEGORY
 from .scoring import score_pairs
 
@@ -131,8 +131,8 @@ def model_label(spec: str) -> str:
 def evaluate_model(spec: str, cfg: EvaluateConfig, pairs, out: Path) -> dict:
     t0 = time.perf_counter()
     loaded = load_model(spec, dtype=cfg.dtype, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
-    max_pos = getattr(loaded.model.backbone.config, "max_position_embeddings", None) or cfg.max_length
-    encoder = PairEncoder(loaded.tokenizer, max_length=min(cfg.max_length, max_pos), chat_template=cfg.chat_template)
+    encoder = PairEncoder(loaded.tokenizer, max_length=fit_max_length(loaded.model, cfg.max_length),
+                          chat_template=cfg.chat_template)
     encoded = [encoder.encode(p) for p in pairs]
     rewards = score_pairs(loaded, encoded, batch_size=cfg.batch_size, padding_side=cfg.padding_side,
                           progress=cfg.progress, desc=f"evaluate {model_label(spec)}")

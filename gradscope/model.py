@@ -259,6 +259,12 @@ def load_model(
     return LoadedModel(model, tokenizer, str(source), str(folder), meta)
 
 
+def fit_max_length(model: RewardModel, requested: int) -> int:
+    """Tokens per side the backbone can take: ``requested``, capped by its position table."""
+    max_pos = getattr(model.backbone.config, "max_position_embeddings", None)
+    return min(requested, max_pos) if max_pos else requested
+
+
 def pad_token_id(tokenizer) -> int:
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id):
         if tid is not None:

@@ -34,7 +34,7 @@ from .config import opt, versions
 from .data import SAMPLE_MODES, EncodedPair, FieldNames, PairEncoder, collate, load_pairs, stack_chosen_rejected
 from .errors import DataError, GradscopeError
 from .losses import LOSSES, PairFeatures, build_loss, effective_sample_size
-from .model import ALIASES, CHECKPOINT_META, DEFAULT_MODEL, load_model, pad_token_id, save_reward_model
+from .model import ALIASES, CHECKPOINT_META, DEFAULT_MODEL, fit_max_length, load_model, pad_token_id, save_reward_model
 
 TRAINER_STATE = "trainer_state"
 DYNAMICS_FILE = "dynamics.parquet"
@@ -203,9 +203,8 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
     model = loaded.model
     if cfg.head_layernorm and model.head_norm is None:
         model.head_norm = torch.nn.LayerNorm(model.backbone.config.hidden_size)
-    encoder = PairEncoder(loaded.tokenizer, max_length=min(cfg.max_length, getattr(
-        model.backbone.config, "max_position_embeddings", cfg.max_length) or cfg.max_length),
-        chat_template=cfg.chat_template)
+    encoder = PairEncoder(loaded.tokenizer, max_length=fit_max_length(model, cfg.max_length),
+                          chat_template=cfg.chat_template)
     encoded = [encoder.encode(p) for p in pairs]
     global_micro = cfg.batch_size * world
     per_epoch = len(encoded) // (global_micro * cfg.grad_accum)
