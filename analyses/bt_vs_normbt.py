@@ -2,7 +2,7 @@
 compare on the pairs where they disagree, binned by the base model's distance. Thin pipeline.
 
     python analyses/bt_vs_normbt.py --scale smoke     # minutes on a laptop CPU (MiniLM, demo set)
-    python analyses/bt_vs_normbt.py --scale small     # about an hour here (SmolLM2, ../shared/data)
+    python analyses/bt_vs_normbt.py --scale small     # about an hour here (MiniLM, ../shared/data)
     python analyses/bt_vs_normbt.py --scale paper     # the paper's settings; GPUs and hub access
 
 Writes OUT/<loss>-s<seed>/ (checkpoints, dynamics), OUT/eval-<loss>-s<seed>/ (scores), OUT/compare/,
@@ -28,13 +28,14 @@ from gradscope.train import TrainConfig, run_train  # noqa: E402
 
 SCALES = {
     "smoke": dict(model="minilm", train_data="demo", train_limit=32, eval_data="demo", eval_limit=32, seeds=2,
-                  train=dict(batch_size=4, grad_accum=2, lr=1e-3, max_length=128, epochs=1)),
-    "small": dict(model="smollm2", train_data=str(SHARED / "train-hh-rlhf.jsonl"), train_limit=512,
-                  eval_data=str(SHARED / "rewardbench-v1.jsonl"), eval_limit=600, seeds=3,
-                  train=dict(batch_size=4, grad_accum=4, lr=1e-3, max_length=384, epochs=1)),
+                  eval_max_length=128, train=dict(batch_size=4, grad_accum=2, lr=1e-3, max_length=128, epochs=1)),
+    # MiniLM: six training runs and seven scoring passes fit in about an hour on 2 CPU cores
+    "small": dict(model="minilm", train_data=str(SHARED / "train-hh-rlhf.jsonl"), train_limit=384,
+                  eval_data=str(SHARED / "rewardbench-v1.jsonl"), eval_limit=600, seeds=3, eval_max_length=512,
+                  train=dict(batch_size=4, grad_accum=4, lr=1e-3, max_length=256, epochs=1)),
     "paper": dict(model="google/gemma-2b-it", train_data="Skywork/Skywork-Reward-Preference-80K-v0.2",
                   train_limit=None, eval_data=str(SHARED / "rewardbench-v1.jsonl"), eval_limit=None, seeds=3,
-                  train=dict(batch_size=8, grad_accum=4, lr=1e-3, max_length=4096, epochs=1)),
+                  eval_max_length=4096, train=dict(batch_size=8, grad_accum=4, lr=1e-3, max_length=4096, epochs=1)),
 }
 LOSSES = ("bt", "normbt")
 
@@ -61,11 +62,11 @@ def main(argv=None) -> Path:
             ev = out / f"eval-{loss}-s{seed}"
             rows.update({f"{loss} seed {seed}": r for r in run_evaluate(EvaluateConfig(
                 model=[str(run)], data=s["eval_data"], limit=s["eval_limit"], sample="stratified", out=str(ev),
-                max_length=s["train"]["max_length"], **quiet)).values()})
+                max_length=s["eval_max_length"], **quiet)).values()})
             evals[loss].append(str(ev))
     cmp = run_compare(CompareConfig(a=",".join(evals["bt"]), b=",".join(evals["normbt"]), data=s["eval_data"],
                                     distance_model=model, out=str(out / "compare"), bins=6, label_a="BT",
-                                    label_b="NormBT", max_length=s["train"]["max_length"], **quiet))
+                                    label_b="NormBT", max_length=s["eval_max_length"], **quiet))
     made = make_all(out, log=print)
     seeds_t = cmp["seeds"]
     lines = [f"# BT vs NormBT ({args.scale})", "",

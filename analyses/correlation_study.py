@@ -27,13 +27,13 @@ from gradscope.train import TrainConfig, run_train  # noqa: E402
 
 SCALES = {
     "smoke": dict(model="minilm", eval_data="demo", eval_limit=32, train_data="demo", train_limit=32,
-                  train=dict(batch_size=4, grad_accum=2, lr=1e-3, max_length=128)),
-    "small": dict(model="smollm2", eval_data=str(SHARED / "rewardbench-v1.jsonl"), eval_limit=400,
-                  train_data=str(SHARED / "train-hh-rlhf.jsonl"), train_limit=256,
-                  train=dict(batch_size=4, grad_accum=4, lr=1e-3, max_length=384)),
+                  eval_max_length=128, train=dict(batch_size=4, grad_accum=2, lr=1e-3, max_length=128)),
+    "small": dict(model="smollm2", eval_data=str(SHARED / "rewardbench-v1.jsonl"), eval_limit=300,
+                  train_data=str(SHARED / "train-hh-rlhf.jsonl"), train_limit=256, eval_max_length=384,
+                  train=dict(batch_size=4, grad_accum=4, lr=1e-3, max_length=256)),
     "paper": dict(model="google/gemma-2b-it", eval_data=str(SHARED / "rewardbench-v1.jsonl"), eval_limit=None,
                   train_data="Skywork/Skywork-Reward-Preference-80K-v0.2", train_limit=None,
-                  train=dict(batch_size=8, grad_accum=4, lr=1e-3, max_length=4096)),
+                  eval_max_length=4096, train=dict(batch_size=8, grad_accum=4, lr=1e-3, max_length=4096)),
 }
 
 
@@ -47,7 +47,7 @@ def main(argv=None) -> Path:
     model = args.model or s["model"]
     out = Path(args.out or f"results/correlation-{args.scale}")
     quiet = dict(progress=sys.stderr.isatty())
-    common = dict(data=s["eval_data"], limit=s["eval_limit"], sample="stratified", max_length=s["train"]["max_length"],
+    common = dict(data=s["eval_data"], limit=s["eval_limit"], sample="stratified", max_length=s["eval_max_length"],
                   **quiet)
     base = run_correlate(CorrelateConfig(model=model, out=str(out / "base"), **common), log=print)
     run_train(TrainConfig(model=model, data=s["train_data"], limit=s["train_limit"], loss="bt",

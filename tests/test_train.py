@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import gradscope.train as train_mod
 from gradscope.data import PairEncoder, collate, demo_path, load_pairs, stack_chosen_rejected
-from gradscope.errors import DataError
+from gradscope.errors import DataError, GradscopeError
 from gradscope.losses import LOSSES
 from gradscope.model import load_model
 from gradscope.train import TrainConfig, run_train
@@ -148,3 +148,32 @@ def test_export_gives_the_same_rewards_or_refuses(tiny_model_dir, margin_data, t
     with pytest.raises(GradscopeError, match="encoder"):
         export_sequence_classification("minilm", str(tmp_path / "no"))
     assert not (tmp_path / "no").exists()
+
+
+def test_report_to_tensorboard_writes_the_dynamics_scalars(tiny_model_dir, margin_data, tmp_path):
+    import pandas as pd
+
+    pytest.importorskip("tensorboard", reason="the test extras install tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_train(cfg(tiny_model_dir, margin_data, tmp_path, loss="normbt", max_steps=3, report_to="tensorboard"),
+              log=lambda m: None)
+    run_dir = tmp_path / "gradscope"  # Accelerate's tracker: OUT/<project>/events.out.tfevents.*
+    assert list(run_dir.glob("events.out.tfevents.*")), f"no event file in {run_dir}"
+    acc = EventAccumulator(str(run_dir)).Reload()
+    dyn = pd.read_parquet(tmp_path / "dynamics.parquet")
+    for tag in ("loss", "mu", "dist_mean", "accuracy", "weight_ess"):
+        scalars = acc.Scalars(tag)
+        assert [s.step for s in scalars] == [1, 2, 3], tag
+        assert [s.value for s in scalars] == pytest.approx(dyn[tag].tolist(), rel=1e-6), tag
+
+
+def test_report_to_an_uninstalled_tracker_is_a_clear_error(tiny_model_dir, margin_data, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(GradscopeError, match="needs the package wandb: pip install wandb"):
+        run_train(cfg(tiny_model_dir, margin_data, tmp_path, loss="bt", max_steps=1, report_to="wandb"),
+                  log=lambda m: None)
+    assert not any(tmp_path.iterdir())
