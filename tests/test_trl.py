@@ -23,10 +23,9 @@ def readme_snippet() -> str:
 def test_readme_normbt_reward_trainer_matches_a_hand_computation(tmp_path):
     pytest.importorskip("trl", reason="the test extras install trl")
     from datasets import Dataset
+    from tiny import tiny_tokenizer
     from transformers import LlamaConfig, LlamaForSequenceClassification
     from trl import RewardConfig
-
-    from tiny import tiny_tokenizer
 
     namespace: dict = {}
     exec(compile(readme_snippet(), str(README), "exec"), namespace)
