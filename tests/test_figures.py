@@ -104,3 +104,16 @@ def test_cli_figures(tmp_path, capsys):
     assert main(["figures", str(root)]) == 0
     assert "made fig9" in capsys.readouterr().out
     assert main(["figures", str(tmp_path / "nope")]) == 2
+
+
+def test_fig9_lays_many_runs_out_in_rows_of_three():
+    from gradscope.plots.fig9 import plot_fig9
+
+    steps = np.arange(1, 6)
+    df = pd.DataFrame({c: steps * 1.0 for c in ("dist_mean", "dist_min", "dist_p10", "dist_p25", "dist_p75",
+                                                 "dist_p90", "dist_max")}).assign(step=steps)
+    fig = plot_fig9({f"{loss}-s{s}": df for loss in ("bt", "normbt") for s in range(2)} | {"extra": df})
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(fig.axes) == 6 and [ax.get_title() for ax in shown] == [
+        "bt-s0", "bt-s1", "normbt-s0", "normbt-s1", "extra"]
+    assert len({round(ax.get_position().y0, 3) for ax in shown}) == 2  # two rows
