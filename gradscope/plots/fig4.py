@@ -16,6 +16,8 @@ def plot_fig4(counts: pd.DataFrame, label_a: str = "A", label_b: str = "B"):
     counts), distance_low, distance_high and region. Bars per model per bin; regions shaded."""
     T.require_columns(counts, [T.DISTANCE_BIN, "a", "b", "distance_low", "distance_high", T.REGION],
                       "exclusive-correct counts")
+    from matplotlib.ticker import MaxNLocator
+
     with style() as plt:
         fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(counts) + 2), 3.8))
         x = np.arange(len(counts))
@@ -31,8 +33,11 @@ def plot_fig4(counts: pd.DataFrame, label_a: str = "A", label_b: str = "B"):
                       rotation=45, ha="right")
         ax.set_xlabel(r"base-model representation distance $\|h_w - h_l\|$ (bin)")
         ax.set_ylabel("pairs only this model ranks correctly")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlim(-0.5, len(counts) - 0.5)
-        ax.legend(loc="upper right")
+        top = max(float(counts[["a", "b"]].to_numpy().max()), 1.0)
+        ax.set_ylim(0, top * 1.35)  # headroom: the legend never covers a bar
+        ax.legend(loc="upper right", framealpha=0.95)
         ax.grid(axis="x", visible=False)
         fig.tight_layout()
     return fig
