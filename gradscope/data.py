@@ -285,7 +285,8 @@ class EncodedPair:
 
 class PairEncoder:
     """Render each side with the tokenizer's chat template (when it has one and it is wanted) and
-    tokenise it, keeping the first ``max_length`` tokens."""
+    tokenise it, keeping the first ``max_length`` tokens (counted as truncated; the tokenizer's own
+    "longer than the maximum" warning is silenced, since nothing that long reaches the model)."""
 
     def __init__(self, tokenizer, max_length: int = 1024, chat_template: bool = True):
         self.tokenizer = tokenizer
@@ -296,10 +297,10 @@ class PairEncoder:
         messages = list(messages)
         if self.use_template:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         else:
             text = "\n\n".join(m["content"] for m in messages)
-            ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+            ids = self.tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
         truncated = len(ids) > self.max_length
         return list(ids[: self.max_length]), truncated
 
