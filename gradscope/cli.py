@@ -125,9 +125,30 @@ def config_from_args(cls, args: argparse.Namespace):
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
 
 
-def build_parser() -> argparse.ArgumentParser:
+# name -> one-line help, description, epilog, "module:ConfigClass" (imported only when the command is used)
+CONFIG_COMMANDS = {
+    "correlate": ("per-pair gradient norms vs representation-distance proxies", CORRELATE_DESCRIPTION,
+                  CORRELATE_EPILOG, "correlate:CorrelateConfig"),
+    "train": ("train a reward model with BT, NormBT or a baseline", TRAIN_DESCRIPTION, TRAIN_EPILOG,
+              "train:TrainConfig"),
+    "evaluate": ("RewardBench-style accuracy per subset and section", EVALUATE_DESCRIPTION, EVALUATE_EPILOG,
+                 "evaluate:EvaluateConfig"),
+    "compare": ("where two models disagree, binned by representation distance", COMPARE_DESCRIPTION,
+                COMPARE_EPILOG, "compare:CompareConfig"),
+}
+
+
+def _config_class(path: str):
+    import importlib
+
+    module, name = path.split(":")
+    return getattr(importlib.import_module(f".{module}", __package__), name)
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with ``only``, the options of that command alone, so that `gradscope --help`
+    and `gradscope figures` never import torch (the other commands' modules do)."""
     from . import __version__
-    from .correlate import CorrelateConfig
 
     parser = argparse.ArgumentParser(
         prog="gradscope",
@@ -135,25 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "does the loss actually learn from?")
     parser.add_argument("--version", action="version", version=f"gradscope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    from .compare import CompareConfig
-    from .evaluate import EvaluateConfig
-    from .train import TrainConfig
-
-    commands = [  # name, one-line help, description, epilog, config dataclass, handler
-        ("correlate", "per-pair gradient norms vs representation-distance proxies", CORRELATE_DESCRIPTION,
-         CORRELATE_EPILOG, CorrelateConfig, _correlate),
-        ("train", "train a reward model with BT, NormBT or a baseline", TRAIN_DESCRIPTION, TRAIN_EPILOG,
-         TrainConfig, _train),
-        ("evaluate", "RewardBench-style accuracy per subset and section", EVALUATE_DESCRIPTION, EVALUATE_EPILOG,
-         EvaluateConfig, _evaluate),
-        ("compare", "where two models disagree, binned by representation distance", COMPARE_DESCRIPTION,
-         COMPARE_EPILOG, CompareConfig, _compare),
-    ]
-    for name, help_, description, epilog, config, handler in commands:
+    for name, (help_, description, epilog, config_path) in CONFIG_COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=description, epilog=epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_dataclass_options(p, config)
-        p.set_defaults(handler=handler, config=config)
+        if only is None or only == name:
+            config = _config_class(config_path)
+            add_dataclass_options(p, config)
+            p.set_defaults(handler=HANDLERS[name], config=config)
     p = sub.add_parser("figures", help="regenerate the paper's figures from the tables under a results directory",
                        description="Draw Figures 2, 3, 8 (from pairs.parquet), 4 (from compare.json) and 9 (from "
                        "dynamics.parquet) for every table found under RESULTS_DIR, as PNG and PDF into "
@@ -240,8 +249,13 @@ def _correlate(args) -> int:
     return 0
 
 
+HANDLERS = {"correlate": _correlate, "train": _train, "evaluate": _evaluate, "compare": _compare}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(only=command if command in CONFIG_COMMANDS else "")
     args = parser.parse_args(argv)
     try:
         return args.handler(args)

@@ -117,3 +117,20 @@ def test_fig9_lays_many_runs_out_in_rows_of_three():
     assert len(fig.axes) == 6 and [ax.get_title() for ax in shown] == [
         "bt-s0", "bt-s1", "normbt-s0", "normbt-s1", "extra"]
     assert len({round(ax.get_position().y0, 3) for ax in shown}) == 2  # two rows
+
+
+def test_cli_help_and_figures_do_not_import_torch(tmp_path):
+    root = synthetic_results(tmp_path / "results")
+    code = ("import contextlib, io, sys\n"
+            "from gradscope.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    try:\n"
+            "        main(['--help'])\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "assert 'correlate' in out.getvalue() and 'train' in out.getvalue()\n"
+            f"assert main(['figures', {str(root)!r}]) == 0\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (root / "figures" / "fig9.png").exists()
