@@ -23,7 +23,8 @@ SHARED = REPO.parent / "shared" / "data"
 from gradscope.compare import CompareConfig, run_compare  # noqa: E402
 from gradscope.evaluate import EvaluateConfig, results_markdown, run_evaluate  # noqa: E402
 from gradscope.figures import make_all  # noqa: E402
-from gradscope.tables import atomic_write_bytes  # noqa: E402
+from gradscope.model import CHECKPOINT_META  # noqa: E402
+from gradscope.tables import RESULTS_FILE, atomic_write_bytes  # noqa: E402
 from gradscope.train import TrainConfig, run_train  # noqa: E402
 
 SCALES = {
@@ -46,6 +47,8 @@ def main(argv=None) -> Path:
     ap.add_argument("--model", help="override the scale's model")
     ap.add_argument("--seeds", type=int, help="override the scale's number of seeds")
     ap.add_argument("--out", default=None, help="default results/bt-vs-normbt-<scale>")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue an interrupted study in --out: finished training runs and evaluations are kept")
     args = ap.parse_args(argv)
     s = SCALES[args.scale]
     model = args.model or s["model"]
@@ -56,13 +59,19 @@ def main(argv=None) -> Path:
     rows = {}
     for loss in LOSSES:
         for seed in seeds:
-            run = out / f"{loss}-s{seed}"
-            run_train(TrainConfig(model=model, data=s["train_data"], limit=s["train_limit"], loss=loss, seed=seed,
-                                  out=str(run), **s["train"], **quiet), log=print)
-            ev = out / f"eval-{loss}-s{seed}"
-            rows.update({f"{loss} seed {seed}": r for r in run_evaluate(EvaluateConfig(
-                model=[str(run)], data=s["eval_data"], limit=s["eval_limit"], sample="stratified", out=str(ev),
-                max_length=s["eval_max_length"], **quiet)).values()})
+            run, ev = out / f"{loss}-s{seed}", out / f"eval-{loss}-s{seed}"
+            if args.resume and (run / CHECKPOINT_META).exists():
+                print(f"kept {run} (finished)")
+            else:
+                run_train(TrainConfig(model=model, data=s["train_data"], limit=s["train_limit"], loss=loss,
+                                      seed=seed, out=str(run), **s["train"], **quiet), log=print)
+            if args.resume and (ev / RESULTS_FILE).exists():
+                print(f"kept {ev} (finished)")
+                rows[f"{loss} seed {seed}"] = json.loads((ev / RESULTS_FILE).read_text())
+            else:
+                rows.update({f"{loss} seed {seed}": r for r in run_evaluate(EvaluateConfig(
+                    model=[str(run)], data=s["eval_data"], limit=s["eval_limit"], sample="stratified", out=str(ev),
+                    max_length=s["eval_max_length"], **quiet)).values()})
             evals[loss].append(str(ev))
     cmp = run_compare(CompareConfig(a=",".join(evals["bt"]), b=",".join(evals["normbt"]), data=s["eval_data"],
                                     distance_model=model, out=str(out / "compare"), bins=6, label_a="BT",

@@ -22,7 +22,8 @@ SHARED = REPO.parent / "shared" / "data"
 
 from gradscope.correlate import CorrelateConfig, run_correlate  # noqa: E402
 from gradscope.figures import make_all  # noqa: E402
-from gradscope.tables import atomic_write_bytes  # noqa: E402
+from gradscope.model import CHECKPOINT_META  # noqa: E402
+from gradscope.tables import SUMMARY_FILE, atomic_write_bytes  # noqa: E402
 from gradscope.train import TrainConfig, run_train  # noqa: E402
 
 SCALES = {
@@ -42,6 +43,8 @@ def main(argv=None) -> Path:
     ap.add_argument("--scale", choices=list(SCALES), default="smoke")
     ap.add_argument("--model", help="override the scale's model")
     ap.add_argument("--out", default=None, help="default results/correlation-<scale>")
+    ap.add_argument("--resume", action="store_true", help="continue an interrupted study in --out: finished "
+                    "stages are kept, an interrupted correlate continues after its last finished batch")
     args = ap.parse_args(argv)
     s = SCALES[args.scale]
     model = args.model or s["model"]
@@ -49,10 +52,20 @@ def main(argv=None) -> Path:
     quiet = dict(progress=sys.stderr.isatty())
     common = dict(data=s["eval_data"], limit=s["eval_limit"], sample="stratified", max_length=s["eval_max_length"],
                   **quiet)
-    base = run_correlate(CorrelateConfig(model=model, out=str(out / "base"), **common), log=print)
-    run_train(TrainConfig(model=model, data=s["train_data"], limit=s["train_limit"], loss="bt",
-                          out=str(out / "train-bt"), **s["train"], **quiet), log=print)
-    trained = run_correlate(CorrelateConfig(model=str(out / "train-bt"), out=str(out / "trained"), **common), log=print)
+
+    def correlate(model_: str, stage: Path) -> dict:
+        if args.resume and (stage / SUMMARY_FILE).exists():
+            print(f"kept {stage} (finished)")
+            return json.loads((stage / SUMMARY_FILE).read_text())
+        return run_correlate(CorrelateConfig(model=model_, out=str(stage), resume=args.resume, **common), log=print)
+
+    base = correlate(model, out / "base")
+    if args.resume and (out / "train-bt" / CHECKPOINT_META).exists():
+        print(f"kept {out / 'train-bt'} (finished)")
+    else:
+        run_train(TrainConfig(model=model, data=s["train_data"], limit=s["train_limit"], loss="bt",
+                              out=str(out / "train-bt"), **s["train"], **quiet), log=print)
+    trained = correlate(str(out / "train-bt"), out / "trained")
     made = make_all(out, log=print)
     lines = [f"# Correlation study ({args.scale})", "",
              f"Model `{model}`; pairs `{s['eval_data']}` ({base['n_pairs']} pairs); BT training on "

@@ -23,7 +23,7 @@ def test_quickstart_notebook_executes(tiny_model_dir, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("script", ["correlation_study", "bt_vs_normbt"])
-def test_smoke_analyses_run_end_to_end(script, tiny_model_dir, tmp_path, monkeypatch):
+def test_smoke_analyses_run_end_to_end(script, tiny_model_dir, tmp_path, capsys):
     sys.path.insert(0, str(REPO / "analyses"))
     try:
         mod = __import__(script)
@@ -40,3 +40,13 @@ def test_smoke_analyses_run_end_to_end(script, tiny_model_dir, tmp_path, monkeyp
                 "bt_vs_normbt": {"fig4_compare.png", "fig9.png"}}[script]
     assert expected <= {p.name for p in pngs}
     assert all(p.stat().st_size > 5_000 for p in pngs)
+
+    # --resume keeps every finished stage (nothing is recomputed) and rewrites the same report
+    capsys.readouterr()
+    assert mod.main(argv + ["--resume"]) == out
+    kept = [line for line in capsys.readouterr().out.splitlines() if line.startswith("kept ")]
+    assert len(kept) == {"correlation_study": 3, "bt_vs_normbt": 8}[script], kept
+    def without_command(text):
+        return [line for line in text.splitlines() if not line.startswith("Command:")]
+
+    assert without_command((out / "REPORT.md").read_text()) == without_command(report)
