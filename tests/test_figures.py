@@ -134,3 +134,22 @@ def test_cli_help_and_figures_do_not_import_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (root / "figures" / "fig9.png").exists()
+
+
+def test_gallery_copies_shrunk_pngs_of_every_figure(tmp_path):
+    from PIL import Image
+
+    sys.path.insert(0, str(REPO / "analyses"))
+    try:
+        import gallery
+    finally:
+        sys.path.remove(str(REPO / "analyses"))
+    root = synthetic_results(tmp_path / "study")
+    written = gallery.main([str(root), "--out", str(tmp_path / "gallery")])
+    names = {p.name for p in written}
+    assert {"study-fig2_base.png", "study-fig8.png", "study-fig9.png", "study-fig4_cmp.png"} <= names
+    for p in written:
+        original = root / "figures" / p.name.removeprefix("study-")
+        with Image.open(p) as im:
+            assert im.width <= gallery.MAX_WIDTH and im.mode == "P"
+        assert 0 < p.stat().st_size <= original.stat().st_size
