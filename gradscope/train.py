@@ -336,8 +336,8 @@ def _checkpoint(acc, model, tokenizer, optimizer, scheduler, loss_fn, cfg, encod
         if tmp.exists():
             shutil.rmtree(tmp)
         inner = acc.unwrap_model(model)
-        meta = {"loss": cfg.loss, "loss_state": loss_fn.state(), "step": step, "head_layernorm": inner.head_norm is not None, "config": dataclasses.asdict(cfg),
-                "data": cfg.data, "data_hash": data_hash(encoded), "processes": acc.num_processes,
+        meta = {"loss": cfg.loss, "loss_state": loss_fn.state(), "step": step,
+                "head_layernorm": inner.head_norm is not None, "config": dataclasses.asdict(cfg), "data": cfg.data, "data_hash": data_hash(encoded), "processes": acc.num_processes,
                 "seconds": round(time.perf_counter() - t0, 3), "versions": versions()}
         save_reward_model(inner, tokenizer, tmp, meta)
         save_trainer_state(tmp, optimizer, scheduler, inner, loss_fn, {"dynamics": dynamics, "pair_log": pair_log})
@@ -346,7 +346,8 @@ def _checkpoint(acc, model, tokenizer, optimizer, scheduler, loss_fn, cfg, encod
             T.write_parquet(pd.DataFrame(pair_log), tmp / PAIR_LOG_FILE)
         if target == Path(cfg.out):  # the final model: files into OUT, beside the checkpoint-* folders
             target.mkdir(parents=True, exist_ok=True)
-            for f in tmp.iterdir():
+            # gradscope.json last: its presence in OUT means the whole final model is there
+            for f in sorted(tmp.iterdir(), key=lambda f: f.name == CHECKPOINT_META):
                 f.replace(target / f.name)
             tmp.rmdir()
         else:
