@@ -31,7 +31,7 @@ def plot_fig3(pairs: pd.DataFrame, n_bins: int = 4, title: str | None = None):
             ax.set_title(f"d in ({interval.left:.2g}, {interval.right:.2g}]")
             ax.set_xlabel(r"$\|h_w - h_l\|$")
         axes[0][0].set_ylabel("BT gradient norm")
-        axes[0][-1].legend(loc="lower right")
+        axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False, markerscale=1.6)
         fig.suptitle(title or "Update size at fixed reward difference d = r_w - r_l")
         fig.tight_layout()
     return fig
