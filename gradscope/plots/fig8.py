@@ -45,7 +45,7 @@ def plot_fig8(panels: list[Panel]):
             ax.set_title(f"{p.title}\nPearson r = {_fmt(overall)} (n = {len(df)})")
             ax.set_xlabel(X_LABELS.get(p.x, p.x))
             ax.set_ylabel(Y_LABELS.get(p.y, p.y))
-            ax.legend(loc="upper left")
+            ax.legend(loc="lower right", framealpha=0.9)  # empty corner of a positive correlation
         fig.tight_layout()
     return fig
 
