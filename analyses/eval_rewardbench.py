@@ -3,7 +3,7 @@
     python analyses/eval_rewardbench.py                                  # SmolLM2, fresh head
     python analyses/eval_rewardbench.py --model runs/bt --model runs/normbt --out results/rb-trained
 
-A full pass is long on a CPU (SmolLM2-135M: about an hour on 2 cores); the tests use stratified
+A full pass is long on a CPU (SmolLM2-135M: 1-1.5 hours on 2 cores); the tests use stratified
 samples. This is a thin pipeline over `gradscope evaluate`.
 """
 
