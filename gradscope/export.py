@@ -34,8 +34,9 @@ def export_sequence_classification(checkpoint: str, out: str, check_pairs: int =
                              "token that is not pad_token_id, which skips a real trailing eos (e.g. SmolLM2's "
                              "<|im_end|>), so its rewards would differ from gradscope's")
     # BT-type losses never move the bias (∂(r_w - r_l)/∂b = 0); rounding can leave ~1e-10 of it
-    if float(model.head.bias.abs().max()) > 1e-6:
-        raise GradscopeError(f"export refused: the head has a bias ({float(model.head.bias):.3g}), and the "
+    bias = model.head.bias.detach()
+    if float(bias.abs().max()) > 1e-6:
+        raise GradscopeError(f"export refused: the head has a bias ({float(bias):.3g}), and the "
                              "score layer of *ForSequenceClassification has none")
     cfg = model.backbone.config.__class__.from_dict(model.backbone.config.to_dict())
     cfg.num_labels, cfg.pad_token_id = 1, pad

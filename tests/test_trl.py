@@ -20,6 +20,8 @@ def readme_snippet() -> str:
     return m.group(1)
 
 
+# trl's RewardConfig sets the old `gradient_checkpointing` name itself
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
 def test_readme_normbt_reward_trainer_matches_a_hand_computation(tmp_path):
     pytest.importorskip("trl", reason="the test extras install trl")
     from datasets import Dataset
