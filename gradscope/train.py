@@ -206,6 +206,16 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
     encoder = PairEncoder(loaded.tokenizer, max_length=fit_max_length(model, cfg.max_length),
                           chat_template=cfg.chat_template)
     encoded = [encoder.encode(p) for p in pairs]
+    # a pair whose sides are the same tokens (often: a long shared prompt cut at --max-length) has
+    # d = 0 and ∇d = 0 under every model, so no loss here can learn from it; kept, it would only
+    # add a constant to the loss (w·log 2, with w = μ_t/ε under NormBT) and pull μ_t towards 0
+    skipped_identical = sum(e.identical for e in encoded)
+    if skipped_identical:
+        encoded = [e for e in encoded if not e.identical]
+        if acc.is_main_process:
+            log(f"skipped {skipped_identical} of {len(pairs)} pairs whose two sides are the same tokens after "
+                f"truncation to {encoder.max_length} tokens (no gradient under any loss; raise --max-length "
+                "to keep them)")
     global_micro = cfg.batch_size * world
     per_epoch = len(encoded) // (global_micro * cfg.grad_accum)
     if per_epoch == 0:
@@ -284,7 +294,7 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
         if (cfg.save_steps and (step + 1) % cfg.save_steps == 0) or done:
             target = out if done else out / f"checkpoint-{step + 1}"
             _checkpoint(acc, model, loaded.tokenizer, optimizer, scheduler, loss_fn, cfg, encoded, step + 1,
-                        target, dynamics, pair_log, t0)
+                        target, dynamics, pair_log, t0, skipped_identical)
     bar.close()
     if trackers:
         acc.end_training()
@@ -329,7 +339,7 @@ def _load_weights(model, path: Path) -> None:
 
 
 def _checkpoint(acc, model, tokenizer, optimizer, scheduler, loss_fn, cfg, encoded, step, target: Path,
-                dynamics, pair_log, t0) -> None:
+                dynamics, pair_log, t0, skipped_identical: int = 0) -> None:
     acc.wait_for_everyone()
     if acc.is_main_process:
         tmp = target.with_name(f".{target.name}.tmp")
@@ -337,8 +347,10 @@ def _checkpoint(acc, model, tokenizer, optimizer, scheduler, loss_fn, cfg, encod
             shutil.rmtree(tmp)
         inner = acc.unwrap_model(model)
         meta = {"loss": cfg.loss, "loss_state": loss_fn.state(), "step": step,
-                "head_layernorm": inner.head_norm is not None, "config": dataclasses.asdict(cfg), "data": cfg.data, "data_hash": data_hash(encoded), "processes": acc.num_processes,
-                "seconds": round(time.perf_counter() - t0, 3), "versions": versions()}
+                "head_layernorm": inner.head_norm is not None, "config": dataclasses.asdict(cfg), "data": cfg.data,
+                "n_pairs": len(encoded), "skipped_identical": skipped_identical, "data_hash": data_hash(encoded),
+                "processes": acc.num_processes, "seconds": round(time.perf_counter() - t0, 3),
+                "versions": versions()}
         save_reward_model(inner, tokenizer, tmp, meta)
         save_trainer_state(tmp, optimizer, scheduler, inner, loss_fn, {"dynamics": dynamics, "pair_log": pair_log})
         T.write_parquet(pd.DataFrame(dynamics), tmp / DYNAMICS_FILE)

@@ -177,3 +177,19 @@ def test_report_to_an_uninstalled_tracker_is_a_clear_error(tiny_model_dir, margi
         run_train(cfg(tiny_model_dir, margin_data, tmp_path, loss="bt", max_steps=1, report_to="wandb"),
                   log=lambda m: None)
     assert not any(tmp_path.iterdir())
+
+
+def test_pairs_identical_after_truncation_are_skipped_and_counted(tiny_model_dir, margin_data, tmp_path):
+    import pandas as pd
+
+    rows = [json.loads(line) for line in margin_data.read_text().splitlines()]
+    rows[3]["rejected"] = rows[3]["chosen"]  # the same text: d = 0 and ∇d = 0 under any model
+    rows[7]["rejected"] = rows[7]["chosen"]
+    data = tmp_path / "with-identical.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    messages = []
+    meta = run_train(cfg(tiny_model_dir, data, tmp_path / "out", loss="normbt", max_steps=3), log=messages.append)
+    assert any(m.startswith("skipped 2 of 16 pairs whose two sides are the same tokens") for m in messages), messages
+    assert meta["skipped_identical"] == 2 and meta["n_pairs"] == 14
+    dyn = pd.read_parquet(tmp_path / "out" / "dynamics.parquet")
+    assert (dyn["n_zero_distance"] == 0).all() and (dyn["loss"] < 10).all()  # no μ/ε-weighted constant
