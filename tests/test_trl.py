@@ -25,8 +25,8 @@ def readme_snippet() -> str:
 def test_readme_normbt_reward_trainer_matches_a_hand_computation(tmp_path):
     pytest.importorskip("trl", reason="the test extras install trl")
     from datasets import Dataset
-    from tiny import tiny_tokenizer
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from tiny import tiny_llama_config, tiny_tokenizer
+    from transformers import LlamaForSequenceClassification
     from trl import RewardConfig
 
     namespace: dict = {}
@@ -35,10 +35,9 @@ def test_readme_normbt_reward_trainer_matches_a_hand_computation(tmp_path):
 
     tok = tiny_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      num_labels=1, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    model = LlamaForSequenceClassification(cfg)
+    model = LlamaForSequenceClassification(tiny_llama_config(
+        len(tok), max_position_embeddings=512, num_labels=1, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id))
     rows = [json.loads(line) for line in demo_path().read_text().splitlines()[:4]]
     data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     # bf16=False: trl defaults to bf16 autocast, which the float32 hand computation would not match

@@ -10,13 +10,17 @@ from gradscope.model import RewardModel, probe_causal
 VOCAB = 64
 
 
+def tiny_llama_config(vocab: int = VOCAB, **overrides) -> LlamaConfig:
+    """The tiny Llama every test uses (as a bare backbone here, with a score head in test_trl)."""
+    return LlamaConfig(**{**dict(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                 tie_word_embeddings=False), **overrides})
+
+
 def tiny_backbone(kind: str, seed: int = 0, vocab: int = VOCAB):
     torch.manual_seed(seed)
     if kind == "llama":
-        cfg = LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                          tie_word_embeddings=False)
-        return LlamaModel(cfg)
+        return LlamaModel(tiny_llama_config(vocab))
     if kind == "bert":
         cfg = BertConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=64, hidden_dropout_prob=0.0,
