@@ -41,8 +41,10 @@ class CompareConfig:
     label_b: str = opt("B", "Name of model B.")
     n_boot: int = opt(2000, "Paired bootstrap resamples for accuracy differences.")
     seed: int = opt(0, "Seed of the bootstrap.")
-    max_length: int = opt(1024, "Tokens kept per side (distances, on-the-spot evaluation).")
+    max_length: int = opt(1024, "Tokens kept per side (distances, on-the-spot evaluation); a longer side loses its "
+                          "oldest prompt tokens, never the end of the response.")
     batch_size: int = opt(16, "Pairs per forward batch.")
+    feature_cache: bool = opt(True, "Read pooled states from the on-disk feature cache (see evaluate).")
     progress: bool = opt(True, "Show progress bars.")
 
 
@@ -59,7 +61,8 @@ def load_scores(spec: str, cfg: CompareConfig, pairs_cache: dict) -> pd.DataFram
         if "pairs" not in pairs_cache:
             pairs_cache["pairs"] = load_pairs(cfg.data, fields=FieldNames())
         ecfg = EvaluateConfig(model=[spec], data=cfg.data, out=str(Path(cfg.out) / "scores" / p.name),
-                              max_length=cfg.max_length, batch_size=cfg.batch_size, progress=cfg.progress)
+                              max_length=cfg.max_length, batch_size=cfg.batch_size, progress=cfg.progress,
+                              feature_cache=cfg.feature_cache)
         evaluate_model(spec, ecfg, pairs_cache["pairs"], Path(ecfg.out))
         df = pd.read_parquet(Path(ecfg.out) / T.SCORES_FILE)
     T.require_columns(df, [T.PAIR_ID, T.SUBSET, T.CATEGORY, T.CORRECT], spec)
@@ -152,7 +155,7 @@ def distances_table(cfg: CompareConfig, pair_ids: set) -> pd.DataFrame:
     loaded = load_model(cfg.distance_model)
     enc = PairEncoder(loaded.tokenizer, max_length=fit_max_length(loaded.model, cfg.max_length))
     scored = score_pairs(loaded, [enc.encode(p) for p in pairs], batch_size=cfg.batch_size,
-                         progress=cfg.progress, desc="distances")
+                         progress=cfg.progress, desc="distances", feature_cache=cfg.feature_cache)
     return scored[[T.PAIR_ID, T.PROXY_L2]].rename(columns={T.PROXY_L2: T.DISTANCE})
 
 

@@ -44,8 +44,8 @@ class CorrelateConfig:
     dtype: str = opt("float32", "Model dtype for the computation.", choices=sorted(DTYPES))
     batch_size: int = opt(8, "Pairs per batch (one part file each; the unit of --resume).")
     chunk_size: int = opt(2, "Pairs per vmap chunk (memory ≈ chunk × parameters).")
-    max_length: int = opt(1024, "Tokens kept per side (prompt+response); longer sides are cut at the "
-                          "end and flagged in the 'truncated' column.")
+    max_length: int = opt(1024, "Tokens kept per side (prompt+response); a longer side loses its oldest "
+                          "prompt tokens (never the end of the response) and is flagged in the 'truncated' column.")
     limit: int | None = opt(None, "Keep only N pairs (a quick look at a large set); see --sample.")
     sample: str = opt("first", "Which N pairs --limit keeps: the first N, or N spread evenly over "
                       "the subsets of every category.", choices=list(SAMPLE_MODES))

@@ -13,6 +13,7 @@ as ``[chosen; rejected]`` with shape ``(2B, T)``, as TRL's reward trainer does:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections import defaultdict
@@ -29,6 +30,7 @@ from .rewardbench import category_for
 DEMO = "demo"
 LOCAL_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv")
 SAMPLE_MODES = ("first", "stratified")
+TRUNCATION_SIDES = ("left", "right")
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,11 @@ def load_pairs(
         raise DataError(str(source), f"unknown sample mode {sample!r}; known: {', '.join(SAMPLE_MODES)}")
     if limit is not None and limit < 1:
         raise DataError(str(source), f"limit must be at least 1, got {limit}")
+    sources = split_sources(source)
+    if len(sources) > 1:  # several sources: each read (and limited) on its own, then concatenated
+        pairs = [p for s in sources for p in load_pairs(s, split=split, fields=fields, limit=limit, sample=sample)]
+        _check_unique_ids(pairs, str(source))
+        return pairs
     name, rows = _read_rows(source, split)
     pairs = [_to_pair(row, where, name, fields, index) for index, (where, row) in enumerate(rows)]
     if not pairs:
@@ -85,6 +92,32 @@ def load_pairs(
     if limit is not None:
         pairs = _take(pairs, limit, sample)
     return pairs
+
+
+def split_sources(source: str | Path) -> list[str]:
+    """``"a.jsonl,b.jsonl"`` -> both (a path that exists as written is one source, commas and all)."""
+    text = str(source)
+    if "," not in text or Path(text).exists():
+        return [text]
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def prompt_key(pair: Pair) -> str:
+    """The pair's prompt: every message before the chosen response."""
+    return json.dumps(list(pair.chosen[:-1]), sort_keys=True, ensure_ascii=False)
+
+
+def split_by_prompt(pairs: list[Pair], fraction: float) -> tuple[list[Pair], list[Pair]]:
+    """(train, validation): a pair goes to validation when the hash of its prompt falls below
+    ``fraction``, so pairs that share a prompt always land on the same side, and the split of a
+    pair does not depend on which other pairs were loaded (a --limit or another file)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
+    train, val = [], []
+    for p in pairs:
+        u = int(hashlib.sha256(prompt_key(p).encode()).hexdigest()[:12], 16) / 16 ** 12  # in [0, 1)
+        (val if u < fraction else train).append(p)
+    return train, val
 
 
 def demo_path() -> Path:
@@ -285,13 +318,25 @@ class EncodedPair:
 
 class PairEncoder:
     """Render each side with the tokenizer's chat template (when it has one and it is wanted) and
-    tokenise it, keeping the first ``max_length`` tokens (counted as truncated; the tokenizer's own
-    "longer than the maximum" warning is silenced, since nothing that long reaches the model)."""
+    tokenise it, keeping at most ``max_length`` tokens.
 
-    def __init__(self, tokenizer, max_length: int = 1024, chat_template: bool = True):
+    A reward is read at the end of the response, so a side that is too long loses tokens from the
+    START (``truncation="left"``, the default): the oldest prompt turns go first, the end of the
+    response never. A leading special token (BOS, ``[CLS]``, ``<|im_start|>``) is kept in front.
+    ``truncation="right"`` keeps the first tokens instead (gradscope's rule before 2026-12). Cut
+    sides are counted as truncated; the tokenizer's own "longer than the maximum" warning is
+    silenced, since nothing that long reaches the model."""
+
+    def __init__(self, tokenizer, max_length: int = 1024, chat_template: bool = True, truncation: str = "left"):
+        if truncation not in TRUNCATION_SIDES:
+            raise ValueError(f"truncation must be one of {TRUNCATION_SIDES}, got {truncation!r}")
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.truncation = truncation
         self.use_template = bool(chat_template and getattr(tokenizer, "chat_template", None))
+        self._special = set(getattr(tokenizer, "all_special_ids", []) or [])
 
     def encode_side(self, messages: Iterable[dict]) -> tuple[list[int], bool]:
         messages = list(messages)
@@ -301,8 +346,17 @@ class PairEncoder:
         else:
             text = "\n\n".join(m["content"] for m in messages)
             ids = self.tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
-        truncated = len(ids) > self.max_length
-        return list(ids[: self.max_length]), truncated
+        return self.truncate(list(ids))
+
+    def truncate(self, ids: list[int]) -> tuple[list[int], bool]:
+        """``ids`` cut to ``max_length`` by the truncation rule, and whether it was cut."""
+        n = self.max_length
+        if len(ids) <= n:
+            return ids, False
+        if self.truncation == "right":
+            return ids[:n], True
+        keep_head = 1 if ids[0] in self._special else 0
+        return ids[:keep_head] + ids[len(ids) - (n - keep_head):], True
 
     def encode(self, pair: Pair) -> EncodedPair:
         c, tc = self.encode_side(pair.chosen)

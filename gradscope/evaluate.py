@@ -109,12 +109,16 @@ class EvaluateConfig:
                    "sub-directory per model when several are given).")
     dtype: str = opt("float32", "Model dtype.", choices=sorted(DTYPES))
     batch_size: int = opt(16, "Pairs per forward batch (results do not depend on it).")
-    max_length: int = opt(1024, "Tokens kept per side.")
+    max_length: int = opt(1024, "Tokens kept per side; a longer side loses its oldest prompt tokens, never the end of "
+                          "the response.")
     limit: int | None = opt(None, "Keep only N pairs; see --sample.")
     sample: str = opt("first", "Which N pairs --limit keeps.", choices=list(SAMPLE_MODES))
     split: str = opt("train", "Split, for hub dataset ids.")
     chat_template: bool = opt(True, "Apply the tokenizer's chat template when it has one.")
     padding_side: str = opt("right", "Pad side (results do not depend on it).", choices=["right", "left"])
+    feature_cache: bool = opt(True, "Read each backbone's pooled states from the on-disk feature cache (computing "
+                              "and storing those missing), so that heads trained on one frozen backbone "
+                              "(--train-layers 0) are scored without running it again.")
     seed: int = opt(0, "Seed of a fresh head (models without a trained head).")
     trust_remote_code: bool = opt(False, "Allow model code from the model's repository.")
     progress: bool = opt(True, "Show a progress bar.")
@@ -135,7 +139,7 @@ def evaluate_model(spec: str, cfg: EvaluateConfig, pairs, out: Path) -> dict:
                           chat_template=cfg.chat_template)
     encoded = [encoder.encode(p) for p in pairs]
     rewards = score_pairs(loaded, encoded, batch_size=cfg.batch_size, padding_side=cfg.padding_side,
-                          progress=cfg.progress, desc=f"evaluate {model_label(spec)}")
+                          progress=cfg.progress, desc=f"evaluate {model_label(spec)}", feature_cache=cfg.feature_cache)
     scores = scores_table(rewards)
     subsets = subset_accuracies(scores)
     result = {"model": spec, "model_path": loaded.path, "data": cfg.data, "n_pairs": int(len(scores)),

@@ -95,26 +95,38 @@ class RewardModel(nn.Module):
         # they would add a word embedding to every token, so they are passed only where they exist
         self._token_types = "token_type_ids" in params and getattr(backbone.config, "type_vocab_size", 0) > 0
         self._use_cache = "use_cache" in params
+        # the keyword of the KV cache: `cache` from transformers 5.x, `past_key_values` before
+        self.kv_cache_arg = next((k for k in ("cache", "past_key_values") if k in params), None)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> RewardOutput:
-        # input_ids, attention_mask: (N, T)
-        dtype = self.head.weight.dtype
+    def backbone_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        """The backbone's keyword arguments: ready 4-D additive mask, position ids from the mask."""
         kwargs = dict(
             input_ids=input_ids,
-            attention_mask=additive_mask(attention_mask, self.causal, dtype),  # (N, 1, T, T)
+            attention_mask=additive_mask(attention_mask, self.causal, self.head.weight.dtype),  # (N, 1, T, T)
             position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),  # (N, T)
         )
         if self._token_types:
             kwargs["token_type_ids"] = torch.zeros_like(input_ids)
         if self._use_cache:
             kwargs["use_cache"] = False
-        h = self.backbone(**kwargs).last_hidden_state  # (N, T, H)
+        return kwargs
+
+    @staticmethod
+    def pool(h: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final-layer states (N, T, H) -> state at the last real token (N, H) and the mean over real
+        tokens (N, H)."""
         idx = last_token_index(attention_mask)  # (N,)
         last = torch.gather(h, 1, idx[:, None, None].expand(-1, 1, h.shape[-1])).squeeze(1)  # (N, H)
-        if self.head_norm is not None:
-            last = self.head_norm(last)
         m = attention_mask.to(h.dtype)[..., None]  # (N, T, 1)
         mean = (h * m).sum(1) / m.sum(1).clamp(min=1)  # (N, H)
+        return last, mean
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> RewardOutput:
+        # input_ids, attention_mask: (N, T)
+        h = self.backbone(**self.backbone_inputs(input_ids, attention_mask)).last_hidden_state  # (N, T, H)
+        last, mean = self.pool(h, attention_mask)
+        if self.head_norm is not None:
+            last = self.head_norm(last)
         rewards = self.head(last).squeeze(-1)  # (N,)
         return RewardOutput(rewards, last, mean)
 
@@ -224,7 +236,7 @@ def load_model(
         folder, kwargs["gguf_file"] = path.parent, path.name
     elif path.is_dir():
         folder = path
-        if not (path / "config.json").exists():
+        if not (path / "config.json").exists() and not (path / CHECKPOINT_META).exists():
             raise ModelError(f"{path}: not a model folder (no config.json)")
     elif path.exists() or str(source).startswith((".", "/", "~")):
         raise ModelError(f"{source}: not a model folder, a .gguf file or an alias "
@@ -234,6 +246,9 @@ def load_model(
     meta: dict = {}
     if isinstance(folder, Path) and (folder / CHECKPOINT_META).exists():
         meta = json.loads((folder / CHECKPOINT_META).read_text())
+        if meta.get("base_model") and not (folder / "config.json").exists():
+            return _load_head_checkpoint(folder, meta, source, dtype=torch_dtype, seed=seed,
+                                         trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kwargs.items()
                                                              if k != "attn_implementation"})
@@ -248,15 +263,34 @@ def load_model(
     causal = probe_causal(backbone)
     model = RewardModel(backbone, causal, seed=seed, head_norm=bool(meta.get("head_layernorm", False)))
     if isinstance(folder, Path) and (folder / HEAD_FILE).exists():
-        from safetensors.torch import load_file
-
-        state = load_file(folder / HEAD_FILE)  # head.* and head_norm.* tensors
-        missing = {k for k, _ in model.named_parameters() if k.startswith("head")} - set(state)
-        if missing:
-            raise ModelError(f"{folder / HEAD_FILE}: missing {', '.join(sorted(missing))}")
-        model.load_state_dict(state, strict=False)
+        _load_head(model, folder)
     model = model.to(torch_dtype).eval()
     return LoadedModel(model, tokenizer, str(source), str(folder), meta)
+
+
+def _load_head(model: RewardModel, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(folder / HEAD_FILE)  # head.* and head_norm.* tensors
+    missing = {k for k, _ in model.named_parameters() if k.startswith("head")} - set(state)
+    if missing:
+        raise ModelError(f"{folder / HEAD_FILE}: missing {', '.join(sorted(missing))}")
+    model.load_state_dict(state, strict=False)
+
+
+def _load_head_checkpoint(folder: Path, meta: dict, source: str, *, dtype: torch.dtype, **kwargs) -> LoadedModel:
+    """A head-only checkpoint (``gradscope train --train-layers 0``): its base model, loaded as the
+    checkpoint names it and checked against the hash the checkpoint recorded, plus its head."""
+    from .cache import backbone_key
+
+    base = load_model(meta["base_model"], dtype="float32", **kwargs)
+    if meta.get("head_layernorm") and base.model.head_norm is None:
+        base.model.head_norm = nn.LayerNorm(base.model.backbone.config.hidden_size)
+    if meta.get("backbone_key") and backbone_key(base.model, base.path) != meta["backbone_key"]:
+        raise ModelError(f"{folder}: its head was trained on the base model {meta['base_model']!r}, which has "
+                         "changed since (its weights or config hash differently)")
+    _load_head(base.model, folder)
+    return LoadedModel(base.model.to(dtype).eval(), base.tokenizer, str(source), base.path, meta)
 
 
 def fit_max_length(model: RewardModel, requested: int) -> int:
@@ -270,6 +304,19 @@ def pad_token_id(tokenizer) -> int:
         if tid is not None:
             return int(tid)
     return 0
+
+
+def save_head_checkpoint(model: RewardModel, path: str | os.PathLike, meta: dict) -> Path:
+    """A head-only checkpoint: ``head.safetensors`` and ``gradscope.json``, whose ``base_model`` names
+    the frozen backbone (and ``backbone_key`` its hash); :func:`load_model` rebuilds the model."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    head = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k.startswith("head")}
+    save_file(head, str(path / HEAD_FILE))
+    (path / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    return path
 
 
 def save_reward_model(model: RewardModel, tokenizer, path: str | os.PathLike, meta: dict) -> Path:

@@ -12,22 +12,37 @@ from .model import LoadedModel, pad_token_id
 
 @torch.no_grad()
 def score_pairs(loaded: LoadedModel, encoded: list[EncodedPair], *, batch_size: int = 16,
-                padding_side: str = "right", progress: bool = False, desc: str = "score") -> pd.DataFrame:
+                padding_side: str = "right", progress: bool = False, desc: str = "score",
+                feature_cache: bool = False, log=None) -> pd.DataFrame:
     """One row per pair, in input order: pair_id, subset, category, reward_chosen, reward_rejected,
-    proxy_l2 (‖h_w - h_l‖ at the last real token)."""
+    proxy_l2 (‖h_w - h_l‖ at the last real token). With ``feature_cache`` the backbone's pooled
+    states come from the on-disk feature cache (computed and stored where missing), and only the
+    head runs here."""
     from tqdm.auto import tqdm
 
     model = loaded.model
     dev = next(model.parameters()).device
     pad = pad_token_id(loaded.tokenizer)
+    states = None
+    if feature_cache:
+        from .cache import FeatureStore
+
+        store = FeatureStore.for_model(model, loaded.path)
+        states = store.states(model, encoded, pad_id=pad, progress=progress, log=log)  # (N, 4, H)
     order = sorted(range(len(encoded)), key=lambda i: max(len(encoded[i].chosen_ids), len(encoded[i].rejected_ids)))
     rewards = torch.empty(len(encoded), 2, dtype=torch.float64)
     dist = torch.empty(len(encoded), dtype=torch.float64)
-    with tqdm(total=len(encoded), unit="pair", disable=not progress, desc=desc, dynamic_ncols=True) as bar:
+    with tqdm(total=len(encoded), unit="pair", disable=not progress or states is not None, desc=desc,
+              dynamic_ncols=True) as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            ids, mask = collate([encoded[i] for i in idx], pad_id=pad, padding_side=padding_side)  # (b, 2, T)
-            out = model(stack_chosen_rejected(ids).to(dev), stack_chosen_rejected(mask).to(dev))
+            if states is not None:
+                from .cache import head_forward
+
+                out = head_forward(model, states[idx].to(dev))
+            else:
+                ids, mask = collate([encoded[i] for i in idx], pad_id=pad, padding_side=padding_side)  # (b, 2, T)
+                out = model(stack_chosen_rejected(ids).to(dev), stack_chosen_rejected(mask).to(dev))
             b = len(idx)
             r = out.rewards.double().cpu()  # (2b,) [chosen; rejected]
             h = out.last_hidden.double().cpu()  # (2b, H)

@@ -6,10 +6,15 @@ One loop serves one CPU, several GPUs (DDP through ``accelerate launch``) and se
 process taking its own slice. NormBT's EMA and weights use the global batch mean, and gradients
 are averaged over processes, so two processes train as one process on the same global batch.
 
+``--train-layers 0`` trains the head alone on the frozen backbone's pooled states, which come from
+the feature cache (``gradscope/cache.py``): computed once per pair, reused by every run, seed,
+learning rate and loss, and by evaluation of the resulting models.
+
 Checkpoints (``OUT/checkpoint-STEP`` and, at the end, ``OUT`` itself) hold the backbone in
-``save_pretrained`` form, ``head.safetensors``, ``gradscope.json`` (loss, loss state μ_t, step,
-config, data hash) and the trainer state in ``trainer_state.safetensors`` + ``trainer_state.json``
-(optimizer momentum, scheduler, RNG states): tensors only through safetensors, nothing pickled.
+``save_pretrained`` form (head-only runs: a reference to the base model and its hash instead),
+``head.safetensors``, ``gradscope.json`` (loss, loss state μ_t, step, config, data hash, validation)
+and the trainer state in ``trainer_state.safetensors`` + ``trainer_state.json`` (the optimizer's
+whole state, scheduler, RNG states): tensors only through safetensors, nothing pickled.
 """
 
 from __future__ import annotations
@@ -31,10 +36,13 @@ import torch
 
 from . import tables as T
 from .config import opt, versions
-from .data import SAMPLE_MODES, EncodedPair, FieldNames, PairEncoder, collate, load_pairs, stack_chosen_rejected
+from .cache import FeatureStore, backbone_key, head_forward
+from .data import (SAMPLE_MODES, EncodedPair, FieldNames, Pair, PairEncoder, collate, load_pairs, split_by_prompt,
+                   stack_chosen_rejected)
 from .errors import DataError, GradscopeError
 from .losses import LOSSES, PairFeatures, build_loss, effective_sample_size
-from .model import ALIASES, CHECKPOINT_META, DEFAULT_MODEL, fit_max_length, load_model, pad_token_id, save_reward_model
+from .model import (ALIASES, CHECKPOINT_META, DEFAULT_MODEL, RewardModel, fit_max_length, load_model, pad_token_id,
+                    save_head_checkpoint, save_reward_model)
 
 TRAINER_STATE = "trainer_state"
 DYNAMICS_FILE = "dynamics.parquet"
@@ -48,19 +56,26 @@ class TrainConfig:
 
     model: str = opt(DEFAULT_MODEL, "Backbone to train: alias (" + ", ".join(sorted(ALIASES)) + "), local "
                      "folder, gradscope checkpoint, .gguf or hub id.")
-    data: str = opt("demo", "Training pairs: 'demo', a local file (e.g. ../shared/data/train-hh-rlhf.jsonl) "
-                    "or a hub dataset id.")
+    data: str = opt("demo", "Training pairs: 'demo', a local file (e.g. ../shared/data/train-hh-rlhf.jsonl), a "
+                    "hub dataset id, or several of them joined by commas (--limit then applies to each).")
     out: str = opt("results/train", "Output directory: final checkpoint, checkpoint-STEP/, dynamics.parquet.")
     loss: str = opt("normbt", "Loss: " + ", ".join(sorted(LOSSES)) + ".", choices=sorted(LOSSES))
-    lr: float = opt(1e-3, "Peak learning rate (SGD).")
+    train_layers: str = opt("all", "What trains: 'all' (full fine-tuning) or 0 (the reward head alone, on the "
+                            "frozen backbone's pooled states, computed once per pair and cached on disk: "
+                            "every later run, seed, learning rate and loss, and evaluation, reuse them).")
+    feature_cache: bool = opt(True, "With --train-layers 0: read the backbone's pooled states from the on-disk "
+                              "cache (off: run the frozen backbone at every step; same numbers, slower).")
+    optimizer: str = opt("sgd", "sgd (with --momentum, the paper's Table 3) or adamw.", choices=["sgd", "adamw"])
+    lr: float = opt(1e-3, "Peak learning rate.")
     momentum: float = opt(0.9, "SGD momentum.")
-    weight_decay: float = opt(0.0, "SGD weight decay.")
+    weight_decay: float = opt(0.0, "Weight decay.")
     batch_size: int = opt(4, "Pairs per process per micro-batch.")
     grad_accum: int = opt(4, "Micro-batches per optimizer step (effective batch = batch × accum × processes).")
     epochs: int = opt(1, "Passes over the data (when --max-steps is not given).")
     max_steps: int | None = opt(None, "Stop after this many optimizer steps.")
     warmup_ratio: float = opt(0.03, "Linear warm-up, as a fraction of the steps; then cosine decay.")
-    max_length: int = opt(512, "Tokens kept per side.")
+    max_length: int = opt(512, "Tokens kept per side; a longer side loses its oldest prompt tokens, never the end of "
+                          "the response.")
     max_grad_norm: float | None = opt(None, "Global gradient clipping (off by default).")
     head_layernorm: bool = opt(False, "A LayerNorm before the reward head.")
     label_smoothing: float = opt(0.1, "α of the label_smooth losses.")
@@ -72,6 +87,11 @@ class TrainConfig:
     sample: str = opt("first", "Which N pairs --limit keeps.", choices=list(SAMPLE_MODES))
     split: str = opt("train", "Split, for hub dataset ids.")
     chat_template: bool = opt(True, "Apply the tokenizer's chat template when it has one.")
+    val_fraction: float = opt(0.0, "Hold out this fraction of the pairs for validation, split by prompt (pairs that "
+                              "share a prompt land on the same side; a pair's side depends on its prompt alone).")
+    val_data: str | None = opt(None, "Validation pairs from this source instead of --val-fraction (all its rows).")
+    eval_steps: int | None = opt(None, "Validate every N steps (always at the end when there are validation "
+                                 "pairs): val_loss (BT) and val_accuracy in dynamics.parquet, the last in gradscope.json.")
     seed: int = opt(0, "Seed of the head, the data order and every RNG.")
     save_steps: int | None = opt(None, "Write OUT/checkpoint-STEP every N steps (resumable).")
     resume: str | None = opt(None, "Resume from a checkpoint-STEP folder (or 'last': the newest in --out).")
@@ -87,6 +107,16 @@ class TrainConfig:
                 raise GradscopeError(f"--{name.replace('_', '-')} must be at least 1")
         if self.lr <= 0:
             raise GradscopeError("--lr must be positive")
+        if str(self.train_layers) not in ("0", "all"):
+            raise GradscopeError(f"--train-layers {self.train_layers}: only 0 (the head alone) and all are "
+                                 "implemented; training the top K blocks is not yet")
+        self.train_layers = str(self.train_layers)
+        if not 0 <= self.val_fraction < 1:
+            raise GradscopeError("--val-fraction must be in [0, 1)")
+        if self.val_data and self.val_fraction:
+            raise GradscopeError("give --val-data or --val-fraction, not both")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise GradscopeError("--eval-steps must be at least 1")
 
 
 def data_hash(encoded: list[EncodedPair]) -> str:
@@ -104,17 +134,25 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 # ------------------------------------------------------------------------------------ trainer state
 
 
-def save_trainer_state(path: Path, optimizer, scheduler, model, loss_fn, extra: dict) -> None:
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def save_trainer_state(path: Path, optimizer, scheduler, loss_fn, extra: dict) -> None:
+    """The optimizer's whole ``state_dict()`` (any torch optimizer: tensors to safetensors, the rest
+    to JSON), the scheduler, the loss state (μ_t) and every RNG state."""
     from safetensors.torch import save_file
 
-    names = {id(p): n for n, p in model.named_parameters()}
-    tensors, groups = {}, []
-    for group in optimizer.param_groups:
-        groups.append({k: v for k, v in group.items() if k != "params"} | {"params": [names[id(p)] for p in group["params"]]})
-        for p in group["params"]:
-            buf = optimizer.state.get(p, {}).get("momentum_buffer")
-            if buf is not None:
-                tensors[f"momentum/{names[id(p)]}"] = buf.detach().contiguous().cpu()
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"optim/{pid}/{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
     for k, v in loss_fn.state_dict().items():  # the EMA μ_t and its step count, exactly
         tensors[f"loss/{k}"] = v.detach().contiguous().cpu()
     tensors["rng/torch"] = torch.get_rng_state()
@@ -123,26 +161,25 @@ def save_trainer_state(path: Path, optimizer, scheduler, model, loss_fn, extra: 
     save_file(tensors, str(path / f"{TRAINER_STATE}.safetensors"))
     py_state = random.getstate()
     np_state = np.random.get_state()
-    meta = {"param_groups": groups, "scheduler": scheduler.state_dict(),
+    meta = {"param_groups": sd["param_groups"], "optimizer_scalars": scalars, "scheduler": scheduler.state_dict(),
             "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
             "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]], **extra}
     (path / f"{TRAINER_STATE}.json").write_text(json.dumps(meta) + "\n")
 
 
-def load_trainer_state(path: Path, optimizer, scheduler, model, loss_fn) -> dict:
+def load_trainer_state(path: Path, optimizer, scheduler, loss_fn) -> dict:
     from safetensors.torch import load_file
 
     tensors = load_file(str(path / f"{TRAINER_STATE}.safetensors"))
     meta = json.loads((path / f"{TRAINER_STATE}.json").read_text())
-    params = dict(model.named_parameters())
-    for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
-        for k, v in saved.items():
-            if k != "params":
-                group[k] = v
-        for name in saved["params"]:
-            if f"momentum/{name}" in tensors:
-                p = params[name]
-                optimizer.state[p]["momentum_buffer"] = tensors[f"momentum/{name}"].to(p.device, p.dtype)
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim/"):
+            _, pid, k = key.split("/", 2)
+            state.setdefault(int(pid), {})[k] = v
+    for pid, st in meta["optimizer_scalars"].items():
+        state.setdefault(int(pid), {}).update(st)
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
     loss_fn.load_state_dict({k[len("loss/"):]: v for k, v in tensors.items() if k.startswith("loss/")})
     torch.set_rng_state(tensors["rng/torch"])
@@ -155,7 +192,7 @@ def load_trainer_state(path: Path, optimizer, scheduler, model, loss_fn) -> dict
     return meta
 
 
-# ---------------------------------------------------------------------------------------- the loop
+# ---------------------------------------------------------------------------------------- statistics
 
 
 def step_statistics(dist: torch.Tensor, weights: torch.Tensor, d: torch.Tensor) -> dict:
@@ -168,104 +205,190 @@ def step_statistics(dist: torch.Tensor, weights: torch.Tensor, d: torch.Tensor) 
     return out
 
 
-def run_train(cfg: TrainConfig, log=print) -> dict:
-    """Train; return the final summary (also in OUT/gradscope.json). Non-main processes return {}."""
-    from accelerate import Accelerator
-    from tqdm.auto import tqdm
-    from transformers import get_cosine_schedule_with_warmup
+def validation_summary(d: torch.Tensor) -> dict:
+    """Pair accuracy (chosen > rejected strictly) with its Wilson 95% interval, and the mean BT loss."""
+    from scipy.stats import binomtest
 
-    cfg.validate()
-    if cfg.report_to != "none":
-        import importlib.util
+    d = d.double().cpu()
+    n, k = len(d), int((d > 0).sum())
+    ci = binomtest(k, n).proportion_ci(method="wilson") if n else None
+    return {"n": n, "correct": k, "accuracy": k / n if n else math.nan,
+            "accuracy_ci95": [ci.low, ci.high] if ci else [math.nan, math.nan],
+            "loss": float(-torch.nn.functional.logsigmoid(d).mean()) if n else math.nan}
 
-        module = {"tensorboard": "tensorboard", "wandb": "wandb"}[cfg.report_to]
-        if importlib.util.find_spec(module) is None and not (module == "tensorboard" and importlib.util.find_spec("tensorboardX")):
-            raise GradscopeError(f"--report-to {cfg.report_to} needs the package {module}: pip install {module}")
-    t0 = time.perf_counter()
-    cuda = torch.cuda.is_available()
-    mixed = "bf16" if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and cuda and torch.cuda.is_bf16_supported()) else "no"
-    trackers = [] if cfg.report_to == "none" else [cfg.report_to]
-    acc = Accelerator(cpu=not cuda, mixed_precision=mixed, log_with=trackers or None,
-                      project_dir=cfg.out if trackers else None)
-    world, rank = acc.num_processes, acc.process_index
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
 
-    loss_fn = build_loss(cfg.loss, **_loss_options(cfg))
-    pairs = load_pairs(cfg.data, split=cfg.split, fields=FieldNames(), limit=cfg.limit, sample=cfg.sample)
-    if loss_fn.needs_margin:
-        for i, p in enumerate(pairs):
-            if p.margin is None:
-                raise DataError(cfg.data, f"loss '{cfg.loss}' needs a margin, and this pair has none",
-                                where=f"pair {p.pair_id!r} (row {i})", field="margin")
-    loaded = load_model(cfg.model, dtype="float32", seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
-    model = loaded.model
-    if cfg.head_layernorm and model.head_norm is None:
-        model.head_norm = torch.nn.LayerNorm(model.backbone.config.hidden_size)
-    encoder = PairEncoder(loaded.tokenizer, max_length=fit_max_length(model, cfg.max_length),
-                          chat_template=cfg.chat_template)
-    encoded = [encoder.encode(p) for p in pairs]
-    # a pair whose sides are the same tokens (often: a long shared prompt cut at --max-length) has
-    # d = 0 and ∇d = 0 under every model, so no loss here can learn from it; kept, it would only
-    # add a constant to the loss (w·log 2, with w = μ_t/ε under NormBT) and pull μ_t towards 0
-    skipped_identical = sum(e.identical for e in encoded)
-    if skipped_identical:
-        encoded = [e for e in encoded if not e.identical]
-        if acc.is_main_process:
-            log(f"skipped {skipped_identical} of {len(pairs)} pairs whose two sides are the same tokens after "
-                f"truncation to {encoder.max_length} tokens (no gradient under any loss; raise --max-length "
-                "to keep them)")
-    global_micro = cfg.batch_size * world
-    per_epoch = len(encoded) // (global_micro * cfg.grad_accum)
-    if per_epoch == 0:
-        raise GradscopeError(f"{cfg.data}: {len(encoded)} pairs are fewer than one optimizer step "
-                             f"({global_micro * cfg.grad_accum} pairs); lower --batch-size or --grad-accum")
-    total_steps = cfg.max_steps or per_epoch * cfg.epochs
-    pad = pad_token_id(loaded.tokenizer)
+# ---------------------------------------------------------------------------------------- the trainer
 
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
-    out = Path(cfg.out)
-    start_step, dynamics, pair_log = 0, [], []
-    resume_dir = _resume_dir(cfg, out)
-    if resume_dir is not None:
-        meta = load_trainer_state(resume_dir, optimizer, scheduler, model, loss_fn)
-        state = json.loads((resume_dir / CHECKPOINT_META).read_text())
-        _load_weights(model, resume_dir)
-        start_step = state["step"]
-        if state["data_hash"] != data_hash(encoded):
-            raise GradscopeError(f"{resume_dir}: the checkpoint was trained on other data (hash differs)")
-        dynamics = meta.get("dynamics", [])
-        pair_log = meta.get("pair_log", [])
-        if acc.is_main_process:
-            log(f"resuming from {resume_dir} at step {start_step}")
-    model, optimizer = acc.prepare(model, optimizer)
-    loss_fn.to(acc.device)
-    if trackers:
-        acc.init_trackers("gradscope", config={k: v for k, v in dataclasses.asdict(cfg).items() if v is not None})
 
-    bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not (cfg.progress and acc.is_main_process),
-               desc=f"train [{cfg.loss}]", dynamic_ncols=True)
-    for step in range(start_step, total_steps):
+class HeadOnly(torch.nn.Module):
+    """The trainable part under ``--train-layers 0``: head norm (if any) and head, on cached states."""
+
+    def __init__(self, model: RewardModel):
+        super().__init__()
+        self.head, self.head_norm = model.head, model.head_norm
+
+    def forward(self, states: torch.Tensor):  # (B, 4, H) -> RewardOutput over [chosen; rejected]
+        return head_forward(self, states)
+
+
+class Trainer:
+    """Set-up in ``__init__``; ``run()`` is the loop: for each step, ``grad_accum`` micro-batches of
+    forward + loss + backward, then the optimizer; validation and checkpoints on their steps."""
+
+    def __init__(self, cfg: TrainConfig, log=print):
+        from accelerate import Accelerator
+        from transformers import get_cosine_schedule_with_warmup
+
+        cfg.validate()
+        _check_tracker(cfg.report_to)
+        self.cfg, self.log, self.t0 = cfg, log, time.perf_counter()
+        cuda = torch.cuda.is_available()
+        mixed = "bf16" if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and cuda and torch.cuda.is_bf16_supported()) else "no"
+        self.trackers = [] if cfg.report_to == "none" else [cfg.report_to]
+        self.acc = acc = Accelerator(cpu=not cuda, mixed_precision=mixed, log_with=self.trackers or None,
+                                     project_dir=cfg.out if self.trackers else None)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.out = Path(cfg.out)
+        self.resume_dir = _resume_dir(cfg, self.out)
+        self.loss_fn = build_loss(cfg.loss, **_loss_options(cfg))
+
+        # data first (a bad file fails before any model loads), then the model: from the checkpoint when resuming
+        pairs, val_pairs = self._pairs()
+        self.loaded = load_model(str(self.resume_dir or cfg.model), dtype="float32", seed=cfg.seed,
+                                 trust_remote_code=cfg.trust_remote_code)
+        self.model = model = self.loaded.model
+        if cfg.head_layernorm and model.head_norm is None:
+            model.head_norm = torch.nn.LayerNorm(model.backbone.config.hidden_size)
+        self.encoder = PairEncoder(self.loaded.tokenizer, max_length=fit_max_length(model, cfg.max_length),
+                                   chat_template=cfg.chat_template)
+        self.encoded, self.skipped_identical = self._encode(pairs, "training")
+        self.val_encoded, _ = self._encode(val_pairs, "validation") if val_pairs else ([], 0)
+        self.pad = pad_token_id(self.loaded.tokenizer)
+
+        self.head_only = cfg.train_layers == "0"
+        self.states = self.val_states = None
+        if self.head_only:
+            model.backbone.requires_grad_(False)
+            self.backbone_key = backbone_key(model, self.loaded.path)
+        if self.head_only and cfg.feature_cache:  # the frozen backbone's pooled states, from the cache
+            store = FeatureStore.for_model(model, self.loaded.path, key=self.backbone_key)
+            states = lambda enc: store.states(model, enc, pad_id=self.pad, progress=cfg.progress and acc.is_main_process,  # noqa: E731
+                                              log=log if acc.is_main_process else None)
+            if not acc.is_main_process:
+                acc.wait_for_everyone()  # the main process fills the cache first; the others then only read
+            self.states = states(self.encoded).to(acc.device)
+            self.val_states = states(self.val_encoded).to(acc.device) if self.val_encoded else None
+            if acc.is_main_process:
+                acc.wait_for_everyone()
+            self.net = HeadOnly(model)
+        else:
+            self.net = model
+        self.global_micro = cfg.batch_size * acc.num_processes
+        self.per_epoch = len(self.encoded) // (self.global_micro * cfg.grad_accum)
+        if self.per_epoch == 0:
+            raise GradscopeError(f"{cfg.data}: {len(self.encoded)} pairs are fewer than one optimizer step "
+                                 f"({self.global_micro * cfg.grad_accum} pairs); lower --batch-size or --grad-accum")
+        self.total_steps = cfg.max_steps or self.per_epoch * cfg.epochs
+
+        self.net.train()
+        self.optimizer = make_optimizer(cfg, [p for p in self.net.parameters() if p.requires_grad])
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, math.ceil(cfg.warmup_ratio * self.total_steps),
+                                                         self.total_steps)
+        self.start_step, self.dynamics, self.pair_log = 0, [], []
+        if self.resume_dir is not None:
+            self._resume()
+        self.net, self.optimizer = acc.prepare(self.net, self.optimizer)
+        self.loss_fn.to(acc.device)
+        if self.trackers:
+            acc.init_trackers("gradscope", config={k: v for k, v in dataclasses.asdict(cfg).items() if v is not None})
+
+    # ------------------------------------------------------------------------------------- set-up parts
+
+    def _pairs(self) -> tuple[list[Pair], list[Pair]]:
+        cfg = self.cfg
+        pairs = load_pairs(cfg.data, split=cfg.split, fields=FieldNames(), limit=cfg.limit, sample=cfg.sample)
+        if cfg.val_data:
+            val = load_pairs(cfg.val_data, split=cfg.split, fields=FieldNames())
+        elif cfg.val_fraction > 0:
+            pairs, val = split_by_prompt(pairs, cfg.val_fraction)
+        else:
+            val = []
+        if self.loss_fn.needs_margin:
+            for i, p in enumerate(pairs):
+                if p.margin is None:
+                    raise DataError(cfg.data, f"loss '{cfg.loss}' needs a margin, and this pair has none",
+                                    where=f"pair {p.pair_id!r} (row {i})", field="margin")
+        if self.acc.is_main_process and val:
+            self.log(f"validation: {len(val)} pairs ({'from ' + cfg.val_data if cfg.val_data else 'split by prompt'}), "
+                     f"training: {len(pairs)}")
+        return pairs, val
+
+    def _encode(self, pairs: list[Pair], what: str) -> tuple[list[EncodedPair], int]:
+        # a pair whose sides are the same tokens (often: a long shared prompt cut at --max-length) has
+        # d = 0 and ∇d = 0 under every model, so no loss here can learn from it; kept, it would only
+        # add a constant to the loss (w·log 2, with w = μ_t/ε under NormBT) and pull μ_t towards 0
+        encoded = [self.encoder.encode(p) for p in pairs]
+        skipped = sum(e.identical for e in encoded)
+        if skipped:
+            encoded = [e for e in encoded if not e.identical]
+            if self.acc.is_main_process:
+                self.log(f"skipped {skipped} of {len(pairs)} {what} pairs whose two sides are the same tokens after "
+                         f"truncation to {self.encoder.max_length} tokens (no gradient under any loss; raise "
+                         "--max-length to keep them)")
+        return encoded, skipped
+
+    def _resume(self) -> None:
+        meta = load_trainer_state(self.resume_dir, self.optimizer, self.scheduler, self.loss_fn)
+        state = self.loaded.meta
+        if state["data_hash"] != data_hash(self.encoded):
+            raise GradscopeError(f"{self.resume_dir}: the checkpoint was trained on other data (hash differs)")
+        self.start_step = state["step"]
+        self.dynamics, self.pair_log = meta.get("dynamics", []), meta.get("pair_log", [])
+        if self.acc.is_main_process:
+            self.log(f"resuming from {self.resume_dir} at step {self.start_step}")
+
+    # ---------------------------------------------------------------------------------------- the loop
+
+    def order(self, epoch: int) -> list[int]:
+        return epoch_order(len(self.encoded), self.cfg.seed, epoch)
+
+    def micro_batch(self, step: int, micro: int) -> tuple[list[int], list[int]]:
+        """(this process's pair indices, the global micro-batch's) for one micro-batch."""
+        cfg = self.cfg
+        idx = (step * cfg.grad_accum + micro) * self.global_micro
+        epoch, pos = divmod(idx, self.per_epoch * cfg.grad_accum * self.global_micro)
+        order = self.order(epoch)
+        rank = self.acc.process_index
+        mine = [order[pos + j] for j in range(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)]
+        return mine, [order[pos + j] for j in range(self.global_micro)]
+
+    def forward(self, net, idx: list[int], encoded: list[EncodedPair], states: torch.Tensor | None):
+        """d (B,) and PairFeatures of the pairs ``idx``: from the cached states or the whole model."""
+        dev = self.acc.device
+        if states is not None:
+            o = net(states[idx])
+        else:
+            ids, mask = collate([encoded[i] for i in idx], pad_id=self.pad)  # (B, 2, T)
+            o = net(stack_chosen_rejected(ids).to(dev), stack_chosen_rejected(mask).to(dev))
+        b = len(idx)
+        d = (o.rewards[:b] - o.rewards[b:]).float()
+        feats = PairFeatures(*(x.float() for x in (o.last_hidden[:b], o.last_hidden[b:],
+                                                   o.mean_hidden[:b], o.mean_hidden[b:])))
+        return d, feats
+
+    def train_step(self, step: int) -> dict:
+        cfg, acc = self.cfg, self.acc
         losses, ds, dists, ws = [], [], [], []
         for micro in range(cfg.grad_accum):
-            idx = (step * cfg.grad_accum + micro) * global_micro
-            epoch, pos = divmod(idx, per_epoch * cfg.grad_accum * global_micro)
-            order = epoch_order(len(encoded), cfg.seed, epoch)
-            batch = [encoded[order[pos + j]] for j in range(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)]
-            ids, mask = collate(batch, pad_id=pad)
-            margin = (torch.tensor([e.pair.margin for e in batch], dtype=torch.float32, device=acc.device)
-                      if loss_fn.needs_margin else None)
-            sync = acc.no_sync(model) if micro < cfg.grad_accum - 1 else nullcontext()
+            mine, everyone = self.micro_batch(step, micro)
+            margin = (torch.tensor([self.encoded[i].pair.margin for i in mine], dtype=torch.float32, device=acc.device)
+                      if self.loss_fn.needs_margin else None)
+            sync = acc.no_sync(self.net) if micro < cfg.grad_accum - 1 else nullcontext()
             with sync, acc.autocast():
-                o = model(stack_chosen_rejected(ids).to(acc.device), stack_chosen_rejected(mask).to(acc.device))
-                b = len(batch)
-                d = (o.rewards[:b] - o.rewards[b:]).float()
-                feats = PairFeatures(*(x.float() for x in (o.last_hidden[:b], o.last_hidden[b:],
-                                                           o.mean_hidden[:b], o.mean_hidden[b:])))
-                lo = loss_fn(d, feats, margin)
+                d, feats = self.forward(self.net, mine, self.encoded, self.states)
+                lo = self.loss_fn(d, feats, margin)
                 acc.backward(lo.loss / cfg.grad_accum)
             losses.append(lo.loss.detach())
             g = acc.gather_for_metrics((d.detach(), lo.distance.detach(), lo.weights.detach()))
@@ -273,35 +396,125 @@ def run_train(cfg: TrainConfig, log=print) -> dict:
             dists.append(g[1])
             ws.append(g[2])
             if cfg.log_pairs:
-                ids_all = [encoded[order[pos + j]].pair.pair_id for j in range(global_micro)]
-                pair_log += [{"step": step + 1, T.PAIR_ID: pid, "d": float(x), "distance": float(y), "weight": float(w)}
-                             for pid, x, y, w in zip(ids_all, g[0].tolist(), g[1].tolist(), g[2].tolist())]
+                self.pair_log += [{"step": step + 1, T.PAIR_ID: self.encoded[i].pair.pair_id, "d": float(x),
+                                   "distance": float(y), "weight": float(w)}
+                                  for i, x, y, w in zip(everyone, g[0].tolist(), g[1].tolist(), g[2].tolist())]
         if cfg.max_grad_norm:
-            acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            acc.clip_grad_norm_(self.net.parameters(), cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
         loss_val = float(acc.reduce(torch.stack(losses).mean(), reduction="mean"))
-        row = {"step": step + 1, "loss": loss_val, "lr": scheduler.get_last_lr()[0],
-               "mu": loss_fn.state().get("mu", float("nan")),
-               **step_statistics(torch.cat(dists), torch.cat(ws), torch.cat(ds))}
-        dynamics.append(row)
-        if trackers:
-            acc.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)
-        bar.set_postfix(loss=f"{loss_val:.4f}", acc=f"{row['accuracy']:.2f}")
-        bar.update(1)
-        done = step + 1 == total_steps
-        if (cfg.save_steps and (step + 1) % cfg.save_steps == 0) or done:
-            target = out if done else out / f"checkpoint-{step + 1}"
-            _checkpoint(acc, model, loaded.tokenizer, optimizer, scheduler, loss_fn, cfg, encoded, step + 1,
-                        target, dynamics, pair_log, t0, skipped_identical)
-    bar.close()
-    if trackers:
-        acc.end_training()
-    acc.wait_for_everyone()
-    if not acc.is_main_process:
-        return {}
-    return json.loads((out / CHECKPOINT_META).read_text())
+        return {"step": step + 1, "loss": loss_val, "lr": self.scheduler.get_last_lr()[0],
+                "mu": self.loss_fn.state().get("mu", float("nan")),
+                **step_statistics(torch.cat(dists), torch.cat(ws), torch.cat(ds))}
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """BT loss and pair accuracy on the validation pairs (every process computes the same)."""
+        net = self.acc.unwrap_model(self.net)
+        net.eval()
+        n, bs, ds = len(self.val_encoded), 2 * self.cfg.batch_size, []
+        order = sorted(range(n), key=lambda i: max(len(self.val_encoded[i].chosen_ids), len(self.val_encoded[i].rejected_ids)))
+        with self.acc.autocast():
+            for s in range(0, n, bs):
+                d, _ = self.forward(net, order[s:s + bs], self.val_encoded, self.val_states)
+                ds.append(d.double().cpu())
+        net.train()
+        d = torch.empty(n, dtype=torch.float64)
+        d[order] = torch.cat(ds)
+        return validation_summary(d)
+
+    def run(self) -> dict:
+        """Train; return the final summary (also in OUT/gradscope.json). Non-main processes return {}."""
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.cfg, self.acc
+        bar = tqdm(total=self.total_steps, initial=self.start_step, unit="step", dynamic_ncols=True,
+                   disable=not (cfg.progress and acc.is_main_process), desc=f"train [{cfg.loss}]")
+        self.validation = None
+        for step in range(self.start_step, self.total_steps):
+            row = self.train_step(step)
+            done = step + 1 == self.total_steps
+            if self.val_encoded and (done or (cfg.eval_steps and (step + 1) % cfg.eval_steps == 0)):
+                self.validation = self.validate()
+                row.update(val_loss=self.validation["loss"], val_accuracy=self.validation["accuracy"])
+            self.dynamics.append(row)
+            if self.trackers:
+                acc.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['accuracy']:.2f}",
+                            **({"val_acc": f"{row['val_accuracy']:.3f}"} if "val_accuracy" in row else {}))
+            bar.update(1)
+            if done or (cfg.save_steps and (step + 1) % cfg.save_steps == 0):
+                self.save(step + 1, self.out if done else self.out / f"checkpoint-{step + 1}")
+        bar.close()
+        if self.trackers:
+            acc.end_training()
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return {}
+        return json.loads((self.out / CHECKPOINT_META).read_text())
+
+    # ---------------------------------------------------------------------------------------- saving
+
+    def save(self, step: int, target: Path) -> None:
+        """A checkpoint in ``target``, written into a temporary folder and moved into place."""
+        acc, cfg = self.acc, self.cfg
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            tmp = target.with_name(f".{target.name}.tmp")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            meta = {"loss": cfg.loss, "loss_state": self.loss_fn.state(), "step": step,
+                    "head_layernorm": self.model.head_norm is not None, "config": dataclasses.asdict(cfg),
+                    "data": cfg.data, "n_pairs": len(self.encoded), "n_val_pairs": len(self.val_encoded),
+                    "validation": self.validation if step == self.total_steps else None,
+                    "skipped_identical": self.skipped_identical, "data_hash": data_hash(self.encoded),
+                    "processes": acc.num_processes, "seconds": round(time.perf_counter() - self.t0, 3),
+                    "versions": versions()}
+            if self.head_only:  # the backbone is the base model's, untouched: the checkpoint names it
+                base = self.loaded.meta.get("base_model") or _base_reference(cfg.model)
+                save_head_checkpoint(self.model, tmp, {**meta, "train_layers": 0, "base_model": base,
+                                                       "backbone_key": self.backbone_key})
+            else:
+                save_reward_model(self.model, self.loaded.tokenizer, tmp, {**meta, "train_layers": "all"})
+            save_trainer_state(tmp, self.optimizer, self.scheduler, self.loss_fn,
+                               {"dynamics": self.dynamics, "pair_log": self.pair_log})
+            T.write_parquet(pd.DataFrame(self.dynamics), tmp / DYNAMICS_FILE)
+            if cfg.log_pairs:
+                T.write_parquet(pd.DataFrame(self.pair_log), tmp / PAIR_LOG_FILE)
+            if target == self.out:  # the final model: files into OUT, beside the checkpoint-* folders
+                target.mkdir(parents=True, exist_ok=True)
+                # gradscope.json last: its presence in OUT means the whole final model is there
+                for f in sorted(tmp.iterdir(), key=lambda f: f.name == CHECKPOINT_META):
+                    f.replace(target / f.name)
+                tmp.rmdir()
+            else:
+                if target.exists():
+                    shutil.rmtree(target)
+                tmp.replace(target)
+        acc.wait_for_everyone()
+
+
+def run_train(cfg: TrainConfig, log=print) -> dict:
+    """Train; return the final summary (also in OUT/gradscope.json). Non-main processes return {}."""
+    return Trainer(cfg, log=log).run()
+
+
+def _check_tracker(report_to: str) -> None:
+    if report_to == "none":
+        return
+    import importlib.util
+
+    module = {"tensorboard": "tensorboard", "wandb": "wandb"}[report_to]
+    if importlib.util.find_spec(module) is None and not (module == "tensorboard" and importlib.util.find_spec("tensorboardX")):
+        raise GradscopeError(f"--report-to {report_to} needs the package {module}: pip install {module}")
+
+
+def _base_reference(model: str) -> str:
+    """How a head-only checkpoint names its base: an alias or hub id as given, a local path absolute."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
 
 
 def _loss_options(cfg: TrainConfig) -> dict:
@@ -327,43 +540,3 @@ def _resume_dir(cfg: TrainConfig, out: Path) -> Path | None:
     if not (path / f"{TRAINER_STATE}.safetensors").exists():
         raise GradscopeError(f"{path}: not a resumable gradscope checkpoint (no {TRAINER_STATE}.safetensors)")
     return path
-
-
-def _load_weights(model, path: Path) -> None:
-    from safetensors.torch import load_file
-    from transformers import AutoModel
-
-    src = AutoModel.from_pretrained(path, dtype=torch.float32)
-    model.backbone.load_state_dict(src.state_dict(), strict=False)
-    model.load_state_dict(load_file(str(path / "head.safetensors")), strict=False)
-
-
-def _checkpoint(acc, model, tokenizer, optimizer, scheduler, loss_fn, cfg, encoded, step, target: Path,
-                dynamics, pair_log, t0, skipped_identical: int = 0) -> None:
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        tmp = target.with_name(f".{target.name}.tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        inner = acc.unwrap_model(model)
-        meta = {"loss": cfg.loss, "loss_state": loss_fn.state(), "step": step,
-                "head_layernorm": inner.head_norm is not None, "config": dataclasses.asdict(cfg), "data": cfg.data,
-                "n_pairs": len(encoded), "skipped_identical": skipped_identical, "data_hash": data_hash(encoded),
-                "processes": acc.num_processes, "seconds": round(time.perf_counter() - t0, 3),
-                "versions": versions()}
-        save_reward_model(inner, tokenizer, tmp, meta)
-        save_trainer_state(tmp, optimizer, scheduler, inner, loss_fn, {"dynamics": dynamics, "pair_log": pair_log})
-        T.write_parquet(pd.DataFrame(dynamics), tmp / DYNAMICS_FILE)
-        if cfg.log_pairs:
-            T.write_parquet(pd.DataFrame(pair_log), tmp / PAIR_LOG_FILE)
-        if target == Path(cfg.out):  # the final model: files into OUT, beside the checkpoint-* folders
-            target.mkdir(parents=True, exist_ok=True)
-            # gradscope.json last: its presence in OUT means the whole final model is there
-            for f in sorted(tmp.iterdir(), key=lambda f: f.name == CHECKPOINT_META):
-                f.replace(target / f.name)
-            tmp.rmdir()
-        else:
-            if target.exists():
-                shutil.rmtree(target)
-            tmp.replace(target)
-    acc.wait_for_everyone()

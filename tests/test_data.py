@@ -99,15 +99,35 @@ def test_cli_errors_are_one_line_exit_2_and_write_nothing(tmp_path, capsys, args
     assert not out.exists()
 
 
-def test_truncation_flags_and_identical_pairs():
-    tok = tiny_tokenizer()
-    enc = PairEncoder(tok, max_length=5, chat_template=False)
+def _long_prompt_pair():
     from gradscope.data import Pair
 
-    p = Pair("x", ({"role": "user", "content": "the quick brown fox"}, {"role": "assistant", "content": "a"}),
-             ({"role": "user", "content": "the quick brown fox"}, {"role": "assistant", "content": "b"}),
-             "", "all")
-    e = enc.encode(p)
-    assert e.truncated and e.identical and len(e.chosen_ids) == 5
-    ids, mask = collate([e, enc.encode(p)], pad_id=0, padding_side="left")
-    assert ids.shape == (2, 2, 5) and mask.sum() == 20
+    prompt = {"role": "user", "content": "the quick brown fox jumps over the lazy dog " * 6}
+    return Pair("x", (prompt, {"role": "assistant", "content": "def f(x): return x + 1"}),
+                (prompt, {"role": "assistant", "content": "def f(x): return x + 2"}), "", "all")
+
+
+def test_truncation_drops_the_oldest_prompt_tokens_and_keeps_the_response_end():
+    tok = tiny_tokenizer()
+    p = _long_prompt_pair()
+    full = PairEncoder(tok, max_length=10_000, chat_template=False).encode(p)
+    e = PairEncoder(tok, max_length=12, chat_template=False).encode(p)
+    assert e.truncated and not e.identical and len(e.chosen_ids) == len(e.rejected_ids) == 12
+    assert e.chosen_ids == full.chosen_ids[-12:] and e.rejected_ids == full.rejected_ids[-12:]
+    # the old rule kept the first tokens: the responses were cut off and the pair became identical
+    right = PairEncoder(tok, max_length=12, chat_template=False, truncation="right").encode(p)
+    assert right.identical and right.chosen_ids == full.chosen_ids[:12]
+    ids, mask = collate([e, e], pad_id=0, padding_side="left")
+    assert ids.shape == (2, 2, 12) and mask.sum() == 48
+
+
+def test_truncation_keeps_a_leading_special_token_and_the_end_on_an_encoder():
+    from gradscope.model import load_model
+
+    tok = load_model("minilm").tokenizer  # BERT: [CLS] ... [SEP]
+    p = _long_prompt_pair()
+    full = PairEncoder(tok, max_length=10_000).encode(p)
+    e = PairEncoder(tok, max_length=16).encode(p)
+    assert e.truncated and len(e.chosen_ids) == 16
+    assert e.chosen_ids[0] == tok.cls_token_id and e.chosen_ids[1:] == full.chosen_ids[-15:]
+    assert e.chosen_ids[-1] == tok.sep_token_id and e.chosen_ids != e.rejected_ids

@@ -75,17 +75,17 @@ def test_resume_after_a_kill_ends_with_the_same_weights(tiny_model_dir, margin_d
     run_train(cfg(tiny_model_dir, margin_data, full, loss="normbt", max_steps=8, save_steps=4), log=lambda m: None)
 
     killed = tmp_path / "killed"
-    real = train_mod._checkpoint
+    real = train_mod.Trainer.save
 
-    def checkpoint_then_die(*args, **kw):
-        real(*args, **kw)
-        if args[8] == 4:  # the step argument
+    def save_then_die(self, step, target):
+        real(self, step, target)
+        if step == 4:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "_checkpoint", checkpoint_then_die)
+    monkeypatch.setattr(train_mod.Trainer, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run_train(cfg(tiny_model_dir, margin_data, killed, loss="normbt", max_steps=8, save_steps=4), log=lambda m: None)
-    monkeypatch.setattr(train_mod, "_checkpoint", real)
+    monkeypatch.setattr(train_mod.Trainer, "save", real)
     assert not (killed / "gradscope.json").exists() and (killed / "checkpoint-4").exists()
     run_train(cfg(tiny_model_dir, margin_data, killed, loss="normbt", max_steps=8, save_steps=4, resume="last"),
               log=lambda m: None)
@@ -189,7 +189,7 @@ def test_pairs_identical_after_truncation_are_skipped_and_counted(tiny_model_dir
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     messages = []
     meta = run_train(cfg(tiny_model_dir, data, tmp_path / "out", loss="normbt", max_steps=3), log=messages.append)
-    assert any(m.startswith("skipped 2 of 16 pairs whose two sides are the same tokens") for m in messages), messages
+    assert any(m.startswith("skipped 2 of 16 training pairs whose two sides are the same tokens") for m in messages), messages
     assert meta["skipped_identical"] == 2 and meta["n_pairs"] == 14
     dyn = pd.read_parquet(tmp_path / "out" / "dynamics.parquet")
     assert (dyn["n_zero_distance"] == 0).all() and (dyn["loss"] < 10).all()  # no μ/ε-weighted constant

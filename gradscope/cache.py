@@ -1,0 +1,225 @@
+"""Frozen-trunk feature cache: each pair's pooled final-layer states under a frozen backbone, on disk.
+
+Training only the reward head (``gradscope train --train-layers 0``) needs the backbone's output
+for each pair once, not once per step, run, seed, learning rate and loss. The cache stores, per
+pair, the four states the head and the distance proxies read, in the layout ``(4, H)``:
+
+    row 0  h_w       final-layer state of the chosen side at its last real token (the head's input)
+    row 1  h_l       the same for the rejected side
+    row 2  mean_w    mean of the chosen side's final-layer states over its real tokens
+    row 3  mean_l    the same for the rejected side
+
+A store lives in ``cache_dir()/features/<backbone key>/`` (``GRADSCOPE_CACHE`` moves it), where the
+key hashes the backbone's config and weight files, its dtype and the cache format. Pairs are keyed
+by their token ids (chosen and rejected), so every data option that changes tokens (chat template,
+max length, truncation) changes the key, and a pair computed once serves every subset, limit,
+seed and command that meets it again. Parts are appended atomically every ``part_size`` pairs
+(``part-NNNNN.npy``, read memory-mapped with ``allow_pickle=False``, and ``part-NNNNN.json`` with
+the pair keys), so an interrupted build keeps what it finished.
+
+For a causal decoder the two sides of a pair share their first tokens (the prompt, and for
+near-identical pairs much of the response): those are run once and their keys and values reused
+for both continuations (HF's KV cache), which gives the states of an unshared forward (a causal
+model's earlier states do not depend on later tokens) at the cost of the shared tokens once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import EncodedPair
+from .model import RewardModel, RewardOutput, cache_dir, last_token_index
+
+FORMAT_VERSION = 1
+ROWS = ("h_w", "h_l", "mean_w", "mean_l")
+
+
+def pair_key(e: EncodedPair) -> str:
+    """A pair's cache key: its token ids."""
+    return hashlib.sha256(json.dumps([e.chosen_ids, e.rejected_ids]).encode()).hexdigest()[:32]
+
+
+def backbone_key(model: RewardModel, folder: str | os.PathLike | None) -> str:
+    """Identity of a frozen backbone: config, weight files (hashed), dtype, cache format."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"format": FORMAT_VERSION, "dtype": str(model.head.weight.dtype),
+                         "config": model.backbone.config.to_diff_dict()}, sort_keys=True, default=str).encode())
+    files = sorted(Path(folder).glob("*.safetensors")) if folder is not None and Path(folder).is_dir() else []
+    files = [f for f in files if f.name != "head.safetensors"]  # the head is not part of the trunk
+    if files:
+        for f in files:
+            h.update(f.name.encode())
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+    else:  # an in-memory model (tests, notebooks): its parameters themselves
+        for name, p in model.backbone.state_dict().items():
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+# ------------------------------------------------------------------------------------ computing
+
+
+def shared_prefix_length(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """Tokens both sides start with, leaving at least one token of each side to run after it."""
+    n = 0
+    limit = min(len(a), len(b)) - 1
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+@torch.no_grad()
+def _pair_states_causal(model: RewardModel, c: tuple[int, ...], r: tuple[int, ...]) -> torch.Tensor:
+    """(4, H) for one pair of a causal decoder: the shared prefix once, then each side's rest."""
+    bb = model.backbone
+    dev = next(bb.parameters()).device
+    p = shared_prefix_length(c, r)
+    ids = lambda x: torch.tensor([x], dtype=torch.long, device=dev)  # noqa: E731  (1, n)
+    arg = model.kv_cache_arg
+    cache, prefix_sum = None, 0.0
+    if p:
+        out = bb(input_ids=ids(c[:p]), use_cache=True)
+        cache = out[arg]
+        prefix_sum = out.last_hidden_state[0].sum(0)  # (H,)
+    rows = []
+    for side in (c, r):
+        kw = {arg: cache, "use_cache": True} if cache is not None else {"use_cache": False}
+        h = bb(input_ids=ids(side[p:]), **kw).last_hidden_state[0]  # (n - p, H)
+        if cache is not None:
+            cache.crop(p - cache.get_seq_length())  # back to the prefix (a negative count: drop that many)
+        rows.append((h[-1], (prefix_sum + h.sum(0)) / len(side)))
+    (hw, mw), (hl, ml) = rows
+    return torch.stack([hw, hl, mw, ml])
+
+
+@torch.no_grad()
+def _batch_states(model: RewardModel, batch: list[EncodedPair], pad_id: int) -> torch.Tensor:
+    """(B, 4, H) through the model's own padded forward (encoders, and decoders without a KV cache)."""
+    from .data import collate, stack_chosen_rejected
+
+    dev = next(model.parameters()).device
+    ids, mask = collate(batch, pad_id=pad_id)  # (B, 2, T)
+    ids, mask = stack_chosen_rejected(ids).to(dev), stack_chosen_rejected(mask).to(dev)  # (2B, T)
+    kwargs = model.backbone_inputs(ids, mask)
+    h = model.backbone(**kwargs).last_hidden_state  # (2B, T, H)
+    last, mean = model.pool(h, mask)
+    b = len(batch)
+    return torch.stack([last[:b], last[b:], mean[:b], mean[b:]], dim=1)
+
+
+def compute_states(model: RewardModel, encoded: list[EncodedPair], pad_id: int = 0, batch_size: int = 8,
+                   progress: bool = False, desc: str = "features") -> torch.Tensor:
+    """(N, 4, H) pooled states of every pair (layout in the module docstring), in input order."""
+    from tqdm.auto import tqdm
+
+    H = model.backbone.config.hidden_size
+    dtype = model.head.weight.dtype
+    out = torch.empty(len(encoded), 4, H, dtype=dtype)
+    with tqdm(total=len(encoded), unit="pair", disable=not progress, desc=desc, dynamic_ncols=True) as bar:
+        if model.causal and model.kv_cache_arg is not None:
+            for i, e in enumerate(encoded):
+                out[i] = _pair_states_causal(model, e.chosen_ids, e.rejected_ids).cpu()
+                bar.update(1)
+        else:
+            order = sorted(range(len(encoded)), key=lambda i: max(len(encoded[i].chosen_ids), len(encoded[i].rejected_ids)))
+            for s in range(0, len(order), batch_size):
+                idx = order[s:s + batch_size]
+                out[idx] = _batch_states(model, [encoded[i] for i in idx], pad_id).cpu()
+                bar.update(len(idx))
+    return out
+
+
+def head_forward(model: RewardModel, states: torch.Tensor) -> RewardOutput:
+    """Rewards of B pairs from their cached states (B, 4, H), laid out as [chosen; rejected] like
+    ``RewardModel.forward`` (the head norm, when the model has one, is applied here, as there)."""
+    last = torch.cat([states[:, 0], states[:, 1]])  # (2B, H)
+    mean = torch.cat([states[:, 2], states[:, 3]])  # (2B, H)
+    if model.head_norm is not None:
+        last = model.head_norm(last)
+    return RewardOutput(model.head(last).squeeze(-1), last, mean)
+
+
+# ---------------------------------------------------------------------------------------- store
+
+
+class FeatureStore:
+    """The cached states of one frozen backbone (a folder of append-only parts)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self._index: dict[str, tuple[int, int]] | None = None
+        self._parts: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def for_model(cls, model: RewardModel, folder: str | os.PathLike | None, root: str | os.PathLike | None = None,
+                  key: str | None = None):
+        """The store of ``model``'s backbone (loaded from ``folder``) under ``root`` (default: the cache)."""
+        return cls(Path(root or cache_dir() / "features") / (key or backbone_key(model, folder)))
+
+    def _part_ids(self) -> list[int]:
+        return sorted(int(p.stem.split("-")[1]) for p in self.root.glob("part-*.json"))
+
+    def index(self) -> dict[str, tuple[int, int]]:
+        if self._index is None:
+            self._index = {}
+            for n in self._part_ids():
+                for row, key in enumerate(json.loads((self.root / f"part-{n:05d}.json").read_text())):
+                    self._index.setdefault(key, (n, row))
+        return self._index
+
+    def _part(self, n: int) -> np.ndarray:
+        if n not in self._parts:
+            self._parts[n] = np.load(self.root / f"part-{n:05d}.npy", mmap_mode="r", allow_pickle=False)
+        return self._parts[n]
+
+    def missing(self, encoded: list[EncodedPair]) -> list[int]:
+        index = self.index()
+        return [i for i, e in enumerate(encoded) if pair_key(e) not in index]
+
+    def append(self, keys: list[str], states: np.ndarray) -> None:
+        """Write one part atomically: the array first, then its keys (a part counts once its keys exist)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        n = (self._part_ids() or [-1])[-1] + 1
+        for suffix, write in ((".npy", lambda f: np.save(f, np.ascontiguousarray(states), allow_pickle=False)),
+                              (".json", lambda f: f.write(json.dumps(keys).encode()))):
+            fd, tmp = tempfile.mkstemp(prefix=".part.", dir=self.root)
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            os.replace(tmp, self.root / f"part-{n:05d}{suffix}")
+        index = self.index()
+        for row, key in enumerate(keys):
+            index.setdefault(key, (n, row))
+
+    def states(self, model: RewardModel, encoded: list[EncodedPair], *, pad_id: int = 0, part_size: int = 64,
+               progress: bool = False, log=None) -> torch.Tensor:
+        """(N, 4, H) states of ``encoded``, computing (and storing) only the pairs not yet cached."""
+        from tqdm.auto import tqdm
+
+        todo = self.missing(encoded)
+        if todo:
+            if log:
+                log(f"feature cache {self.root}: computing {len(todo)} of {len(encoded)} pairs "
+                    f"({len(encoded) - len(todo)} cached)")
+            seen: set[str] = set()
+            todo = [i for i in todo if not (pair_key(encoded[i]) in seen or seen.add(pair_key(encoded[i])))]
+            todo.sort(key=lambda i: max(len(encoded[i].chosen_ids), len(encoded[i].rejected_ids)))
+            with tqdm(total=len(todo), unit="pair", disable=not progress, desc="features", dynamic_ncols=True) as bar:
+                for s in range(0, len(todo), part_size):
+                    chunk = [encoded[i] for i in todo[s:s + part_size]]
+                    st = compute_states(model, chunk, pad_id=pad_id)
+                    self.append([pair_key(e) for e in chunk], st.numpy())
+                    bar.update(len(chunk))
+        index = self.index()
+        rows = [index[pair_key(e)] for e in encoded]
+        out = np.stack([self._part(n)[row] for n, row in rows]) if rows else np.zeros((0, 4, 0))
+        return torch.from_numpy(np.array(out))
