@@ -1,44 +1,68 @@
-"""BT against NormBT (the paper's Table 1, Figures 4 and 9): train both over several seeds, evaluate,
-compare on the pairs where they disagree, binned by the base model's distance. Thin pipeline.
+"""BT against NormBT, the paper's experiment sized to the machine at hand (Table 1, Table 4, Figures 4
+and 9), with learning rates chosen on a validation split and error bars over seeds and pairs.
 
-    python analyses/bt_vs_normbt.py --scale smoke     # minutes on a laptop CPU (MiniLM, demo set)
-    python analyses/bt_vs_normbt.py --scale small     # about an hour here (MiniLM, ../shared/data)
-    python analyses/bt_vs_normbt.py --scale paper     # the paper's settings; GPUs and hub access
+    python analyses/bt_vs_normbt.py --scale smoke     # a minute or two (MiniLM, demo set; run by the tests)
+    python analyses/bt_vs_normbt.py --scale small     # SmolLM2-135M on ../shared/data, within 90 min on 2 cores
+    python analyses/bt_vs_normbt.py --scale paper     # the paper's models and data; GPUs and hub access
 
-Writes OUT/<loss>-s<seed>/ (checkpoints, dynamics), OUT/eval-<loss>-s<seed>/ (scores), OUT/compare/,
-OUT/figures/ and OUT/REPORT.md.
+Stages, each kept by --resume once finished (a finished run is never redone):
+
+1. caches   (head-only scales) one forward of the frozen backbone over the training, validation and
+            evaluation pairs into the feature cache; every later run reads it.
+2. sweep    BT over a learning-rate grid, then each other loss over three rates centred on BT's
+            choice; each picked by validation pair accuracy only (gradscope.sweep).
+3. seeds    BT and NormBT at their chosen rates for every seed.
+4. evaluate every final run on the evaluation pairs (RewardBench v1 rules).
+5. compare  BT vs NormBT: disagreements by the base model's distance (Figure 4), accuracy differences
+            per section and per distance third with paired bootstrap intervals, mean ± standard
+            error over seeds (Table 4).
+
+Writes OUT/runs/, OUT/eval/, OUT/compare/, OUT/figures/, the tables OUT/sweep.csv and OUT/runs.csv,
+OUT/study.json and OUT/REPORT.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data"
 
-from gradscope.compare import CompareConfig, run_compare  # noqa: E402
-from gradscope.evaluate import EvaluateConfig, results_markdown, run_evaluate  # noqa: E402
-from gradscope.figures import make_all  # noqa: E402
-from gradscope.model import CHECKPOINT_META  # noqa: E402
-from gradscope.tables import RESULTS_FILE, atomic_write_bytes  # noqa: E402
-from gradscope.train import TrainConfig, run_train  # noqa: E402
+import pandas as pd  # noqa: E402
 
+from gradscope.compare import CompareConfig, run_compare  # noqa: E402
+from gradscope.evaluate import SECTION_NAMES, EvaluateConfig, run_evaluate  # noqa: E402
+from gradscope.figures import fig4, fig9  # noqa: E402
+from gradscope.sweep import BT_GRID, centred_grid, run_name, sweep, train_once  # noqa: E402
+from gradscope.tables import RESULTS_FILE, atomic_write_bytes, write_json  # noqa: E402
+from gradscope.train import TrainConfig  # noqa: E402
+
+TRAIN_SMALL = f"{SHARED / 'train-hh-rlhf.jsonl'},{SHARED / 'train-reasoning.jsonl'}"
 SCALES = {
-    "smoke": dict(model="minilm", train_data="demo", train_limit=32, eval_data="demo", eval_limit=32, seeds=2,
-                  eval_max_length=128, train=dict(batch_size=4, grad_accum=2, lr=1e-3, max_length=128, epochs=1)),
-    # MiniLM: six training runs and seven scoring passes fit in about an hour on 2 CPU cores
-    "small": dict(model="minilm", train_data=str(SHARED / "train-hh-rlhf.jsonl"), train_limit=384,
-                  eval_data=str(SHARED / "rewardbench-v1.jsonl"), eval_limit=600, seeds=3, eval_max_length=512,
-                  train=dict(batch_size=4, grad_accum=4, lr=1e-3, max_length=256, epochs=1)),
-    "paper": dict(model="google/gemma-2b-it", train_data="Skywork/Skywork-Reward-Preference-80K-v0.2",
-                  train_limit=None, eval_data=str(SHARED / "rewardbench-v1.jsonl"), eval_limit=None, seeds=3,
-                  eval_max_length=4096, train=dict(batch_size=8, grad_accum=4, lr=1e-3, max_length=4096, epochs=1)),
+    "smoke": dict(model="minilm", train_data="demo", train_limit=None, eval_data="demo", eval_limit=None,
+                  seeds=2, grid=(3e-3, 3e-2), one_seed=("label_smooth",), train_layers="0",
+                  train=dict(batch_size=8, grad_accum=1, epochs=4, max_length=128, val_fraction=0.25),
+                  eval_max_length=128),
+    # SmolLM2-135M, its reward head on the frozen backbone: one cached forward, then every run is seconds
+    "small": dict(model="smollm2", train_data=TRAIN_SMALL, train_limit=1000, eval_data=str(SHARED / "rewardbench-v1.jsonl"),
+                  eval_limit=1000, seeds=5, grid=BT_GRID, one_seed=("label_smooth", "margin", "margin_out"),
+                  train_layers="0", train=dict(batch_size=16, grad_accum=1, epochs=10, max_length=512, val_fraction=0.2,
+                                               eval_steps=100), eval_max_length=512),
+    "paper": dict(model="google/gemma-2b-it", train_data="Skywork/Skywork-Reward-Preference-80K-v0.2", train_limit=None,
+                  eval_data=str(SHARED / "rewardbench-v1.jsonl"), eval_limit=None, seeds=3, grid=(3e-4, 1e-3, 3e-3),
+                  one_seed=("label_smooth", "margin", "margin_out"), train_layers="all",
+                  train=dict(batch_size=8, grad_accum=4, epochs=1, max_length=4096, val_fraction=0.05),
+                  eval_max_length=4096),
 }
-LOSSES = ("bt", "normbt")
+MAIN = ("bt", "normbt")
+SECTIONS = ("average", "chat", "chat-hard", "safety", "reasoning")
 
 
 def main(argv=None) -> Path:
@@ -47,55 +71,194 @@ def main(argv=None) -> Path:
     ap.add_argument("--model", help="override the scale's model")
     ap.add_argument("--seeds", type=int, help="override the scale's number of seeds")
     ap.add_argument("--out", default=None, help="default results/bt-vs-normbt-<scale>")
-    ap.add_argument("--resume", action="store_true",
-                    help="continue an interrupted study in --out: finished training runs and evaluations are kept")
+    ap.add_argument("--resume", action="store_true", help="continue an interrupted study in --out: finished "
+                    "stages, training runs and evaluations are kept")
     args = ap.parse_args(argv)
     s = SCALES[args.scale]
     model = args.model or s["model"]
-    seeds = range(args.seeds or s["seeds"])
+    n_seeds = args.seeds or s["seeds"]
     out = Path(args.out or f"results/bt-vs-normbt-{args.scale}")
-    quiet = dict(progress=sys.stderr.isatty())
-    evals: dict[str, list[str]] = {loss: [] for loss in LOSSES}
-    rows = {}
-    for loss in LOSSES:
-        for seed in seeds:
-            run, ev = out / f"{loss}-s{seed}", out / f"eval-{loss}-s{seed}"
-            if args.resume and (run / CHECKPOINT_META).exists():
-                print(f"kept {run} (finished)")
-            else:
-                run_train(TrainConfig(model=model, data=s["train_data"], limit=s["train_limit"], loss=loss,
-                                      seed=seed, out=str(run), **s["train"], **quiet), log=print)
-            if args.resume and (ev / RESULTS_FILE).exists():
-                print(f"kept {ev} (finished)")
-                rows[f"{loss} seed {seed}"] = json.loads((ev / RESULTS_FILE).read_text())
-            else:
-                rows.update({f"{loss} seed {seed}": r for r in run_evaluate(EvaluateConfig(
-                    model=[str(run)], data=s["eval_data"], limit=s["eval_limit"], sample="stratified", out=str(ev),
-                    max_length=s["eval_max_length"], **quiet)).values()})
-            evals[loss].append(str(ev))
-    cmp = run_compare(CompareConfig(a=",".join(evals["bt"]), b=",".join(evals["normbt"]), data=s["eval_data"],
-                                    distance_model=model, out=str(out / "compare"), bins=6, label_a="BT",
-                                    label_b="NormBT", max_length=s["eval_max_length"], **quiet))
-    made = make_all(out, log=print)
-    seeds_t = cmp["seeds"]
-    lines = [f"# BT vs NormBT ({args.scale})", "",
-             f"Model `{model}`; training `{s['train_data']}` ({s['train_limit'] or 'all'} pairs), "
-             f"{len(seeds)} seed(s) per loss; evaluation `{s['eval_data']}` ({cmp['n_pairs']} pairs).", "",
-             "Command: `python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]) + "`", "",
-             "## Accuracy per run", "", results_markdown(rows),
-             "## Mean ± standard error over seeds", "", "| loss | Average | Chat | Chat-Hard | Safety | Reasoning |",
-             "|---|---|---|---|---|---|"]
-    for side, loss in (("a", "bt"), ("b", "normbt")):
-        t = seeds_t[side]
-        lines.append(f"| {loss} | " + " | ".join(
-            f"{100 * t[k]['mean']:.1f} ± {100 * t[k]['stderr']:.1f}" if t[k]["n_runs"] else "n/a"
-            for k in ("average", "chat", "chat-hard", "safety", "reasoning")) + " |")
-    lines += ["", f"Pairs where exactly one is right (seed 0): {cmp['n_disagreements']}; by distance region: "
-              + ", ".join(f"{r}: BT {c['a']} / NormBT {c['b']}" for r, c in cmp["by_region"].items()), "",
-              "Figures:", ""] + [f"- {k}: `{Path(v[0]).relative_to(out)}`" for k, v in made.items()]
-    atomic_write_bytes(out / "REPORT.md", lambda t: t.write_text("\n".join(lines) + "\n"))
+    if not args.resume and out.exists() and any(out.iterdir()):
+        ap.error(f"{out} is not empty: pass --resume to continue that study, or choose another --out")
+    progress = sys.stderr.isatty()
+    t0 = time.perf_counter()
+    base = TrainConfig(model=model, data=s["train_data"], limit=s["train_limit"], sample="stratified",
+                       train_layers=s["train_layers"], progress=progress, loss="bt", **s["train"])
+
+    cache_info = build_caches(base, s, out, args.resume) if s["train_layers"] == "0" else None
+
+    # 2. sweep: BT over the grid, the others centred on BT's rate; validation only
+    sweep_rows, chosen = [], {}
+    chosen["bt"], rows = sweep(base, s["grid"], out / "runs")
+    sweep_rows += rows
+    has_margin = data_has_margins(base)
+    skipped = {}
+    for loss in ("normbt", *s["one_seed"]):
+        if loss.startswith("margin") and not has_margin:
+            skipped[loss] = "the training data has no margin field"
+            continue
+        chosen[loss], rows = sweep(dataclasses.replace(base, loss=loss), centred_grid(chosen["bt"]), out / "runs")
+        sweep_rows += rows
+    write_table(pd.DataFrame(sweep_rows), out / "sweep.csv")
+
+    # 3. seeds at the chosen rates; 4. evaluation of every final run
+    finals: dict[str, list[Path]] = {}
+    for loss, lr in chosen.items():
+        for seed in range(n_seeds if loss in MAIN else 1):
+            run = out / "runs" / run_name(loss, lr, seed)
+            train_once(dataclasses.replace(base, loss=loss, lr=lr, seed=seed, out=str(run)))
+            finals.setdefault(loss, []).append(run)
+    evals = {loss: [evaluate(run, s, out, progress) for run in runs] for loss, runs in finals.items()}
+
+    # 5. compare BT and NormBT over all seeds
+    cmp = run_compare(CompareConfig(a=",".join(str(e) for e in evals["bt"]), b=",".join(str(e) for e in evals["normbt"]),
+                                    data=s["eval_data"], distance_model=model, out=str(out / "compare"), bins=9,
+                                    label_a="BT", label_b="NormBT", max_length=s["eval_max_length"], progress=progress))
+    figs = {"fig4": fig4(out / "compare" / "compare.json", out / "figures" / "fig4"),
+            "fig9": fig9({f"{loss} seed {i}": r / "dynamics.parquet" for loss in MAIN for i, r in enumerate(finals[loss])
+                          if i < 3}, out / "figures" / "fig9")}
+    runs = runs_table(finals, evals)
+    # the runs' own recorded times (stable under --resume, unlike this sitting's wall time)
+    run_dirs = {Path(r["run"]) for r in sweep_rows} | {r for rs in finals.values() for r in rs}
+    seconds_runs = (sum(json.loads((r / "gradscope.json").read_text())["seconds"] for r in run_dirs)
+                    + sum(json.loads((e / RESULTS_FILE).read_text())["seconds"] for es in evals.values() for e in es))
+    write_table(runs, out / "runs.csv")
+    study = {"scale": args.scale, "model": model, "train_data": s["train_data"], "train_limit": s["train_limit"],
+             "eval_data": s["eval_data"], "eval_limit": s["eval_limit"], "seeds": n_seeds, "chosen_lr": chosen,
+             "skipped_losses": skipped, "caches": cache_info, "seconds_runs": round(seconds_runs, 1),
+             "n_training_runs": len(run_dirs), "seconds_this_sitting": round(time.perf_counter() - t0, 1), "n_eval_pairs": cmp["n_pairs"],
+             "n_disagreements_seed0": cmp["n_disagreements"], "by_region_seed0": cmp["by_region"],
+             "accuracy_diff_seed_mean": cmp["accuracy_diff_seed_mean"],
+             "accuracy_diff_by_region": cmp["accuracy_diff_by_region"], "seed_table": cmp["seeds"],
+             "train_config": dataclasses.asdict(base)}
+    write_json(study, out / "study.json")
+    report(out, study, runs, pd.DataFrame(sweep_rows), figs, argv)
     print(json.dumps({"report": str(out / "REPORT.md")}))
     return out
+
+
+# ------------------------------------------------------------------------------------------ stages
+
+
+def build_caches(base: TrainConfig, s: dict, out: Path, resume: bool) -> dict:
+    """One forward of the frozen backbone over every training, validation and evaluation pair."""
+    info_file = out / "caches.json"
+    if resume and info_file.exists():
+        print(f"kept {info_file} (finished)")
+        return json.loads(info_file.read_text())
+    from gradscope.cache import FeatureStore
+    from gradscope.data import FieldNames, PairEncoder, load_pairs
+    from gradscope.model import fit_max_length, load_model, pad_token_id
+
+    t = time.perf_counter()
+    loaded = load_model(base.model, dtype="float32", seed=base.seed)
+    store = FeatureStore.for_model(loaded.model, loaded.path)
+    info = {"store": str(store.root)}
+    for name, data, limit, max_length in (("train", base.data, base.limit, base.max_length),
+                                          ("eval", s["eval_data"], s["eval_limit"], s["eval_max_length"])):
+        enc = PairEncoder(loaded.tokenizer, max_length=fit_max_length(loaded.model, max_length))
+        encoded = [enc.encode(p) for p in load_pairs(data, fields=FieldNames(), limit=limit, sample="stratified")]
+        missing = len(store.missing(encoded))
+        store.states(loaded.model, encoded, pad_id=pad_token_id(loaded.tokenizer), progress=base.progress, log=print)
+        info[name] = {"pairs": len(encoded), "computed_now": missing, "truncated": sum(e.truncated for e in encoded)}
+    info["seconds"] = round(time.perf_counter() - t, 1)
+    write_json(info, info_file)
+    return info
+
+
+def data_has_margins(cfg: TrainConfig) -> bool:
+    from gradscope.data import FieldNames, load_pairs
+
+    return all(p.margin is not None for p in load_pairs(cfg.data, fields=FieldNames(), limit=cfg.limit,
+                                                        sample=cfg.sample))
+
+
+def evaluate(run: Path, s: dict, out: Path, progress: bool) -> Path:
+    ev = out / "eval" / run.name
+    if (ev / RESULTS_FILE).exists():
+        print(f"kept {ev} (finished)")
+        return ev
+    run_evaluate(EvaluateConfig(model=[str(run)], data=s["eval_data"], limit=s["eval_limit"], sample="stratified",
+                                out=str(ev), max_length=s["eval_max_length"], progress=progress))
+    return ev
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+
+def write_table(df: pd.DataFrame, path: Path) -> None:
+    atomic_write_bytes(path, lambda tmp: df.to_csv(tmp, index=False, float_format="%.6g"))
+
+
+def runs_table(finals: dict[str, list[Path]], evals: dict[str, list[Path]]) -> pd.DataFrame:
+    rows = []
+    for loss, runs in finals.items():
+        for run, ev in zip(runs, evals[loss]):
+            meta = json.loads((run / "gradscope.json").read_text())
+            res = json.loads((ev / RESULTS_FILE).read_text())
+            v = meta["validation"]
+            rows.append({"loss": loss, "lr": meta["config"]["lr"], "seed": meta["config"]["seed"],
+                         "val_n": v["n"], "val_accuracy": v["accuracy"], "val_ci95_low": v["accuracy_ci95"][0],
+                         "val_ci95_high": v["accuracy_ci95"][1], "eval_n": res["n_pairs"],
+                         "eval_accuracy": res["accuracy"], "average": res["average"],
+                         **{k: res["sections"].get(k, math.nan) for k in SECTIONS[1:]}, "run": run.name})
+    return pd.DataFrame(rows)
+
+
+def pct(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * x:.1f}"
+
+
+def ci(d: dict) -> str:
+    lo, hi = d["diff_ci95"]
+    return f"{100 * d['diff_b_minus_a']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+
+
+def report(out: Path, study: dict, runs: pd.DataFrame, sweep_rows: pd.DataFrame, figs: dict, argv) -> None:
+    names = [SECTION_NAMES.get(k, k.title()) for k in SECTIONS]
+    c = study.get("caches") or {}
+    lines = [f"# BT vs NormBT ({study['scale']})", "",
+             f"Model `{study['model']}` (trained: {'the reward head on the frozen backbone' if c else 'all parameters'}); "
+             f"training `{study['train_data']}` ({study['train_limit'] or 'all'} pairs per file, stratified), "
+             f"validation split by prompt; evaluation `{study['eval_data']}` ({study['n_eval_pairs']} pairs, "
+             "stratified); learning rates chosen on validation accuracy only.", "",
+             "Command: `python " + " ".join([Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])]) + "`", ""]
+    if c:
+        lines += [f"Caches: {c['train']['pairs']} training + validation and {c['eval']['pairs']} evaluation pairs, "
+                  f"built in {c['seconds']:.0f} s ({c['train']['computed_now'] + c['eval']['computed_now']} computed in "
+                  f"that sitting); then {study['n_training_runs']} training runs and their evaluations: "
+                  f"{study['seconds_runs']:.0f} s (the sum of their recorded times).", ""]
+    lines += ["## Learning rates (validation pair accuracy, seed 0)", "", "| loss | lr | val accuracy [95% CI] | val BT loss | chosen |",
+              "|---|---|---|---|---|"]
+    for r in sweep_rows.itertuples():
+        lines.append(f"| {r.loss} | {r.lr:g} | {pct(r.val_accuracy)} [{pct(r.val_ci95_low)}, {pct(r.val_ci95_high)}] "
+                     f"| {r.val_loss:.4f} | {'**yes**' if r.chosen else ''} |")
+    for loss, why in study["skipped_losses"].items():
+        lines.append(f"\n`{loss}` not run: {why}.")
+    lines += ["", "## Every final run", "", "| loss | lr | seed | val accuracy [95% CI] | " + " | ".join(names) + " |",
+              "|---|---|---|---|" + "---|" * len(names)]
+    for r in runs.to_dict("records"):
+        lines.append(f"| {r['loss']} | {r['lr']:g} | {r['seed']} | {pct(r['val_accuracy'])} [{pct(r['val_ci95_low'])}, "
+                     f"{pct(r['val_ci95_high'])}] | " + " | ".join(pct(r[k]) for k in SECTIONS) + " |")
+    lines += ["", "## Mean ± standard error over seeds (Table 1 / Table 4 layout)", "",
+              "| loss | runs | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for loss, g in runs.groupby("loss", sort=False):
+        cells = []
+        for k in SECTIONS:
+            v = g[k].dropna()
+            se = v.std(ddof=1) / math.sqrt(len(v)) if len(v) > 1 else math.nan
+            cells.append(f"{100 * v.mean():.1f} ± {100 * se:.1f}" if len(v) > 1 else pct(v.mean()))
+        lines.append(f"| {loss} | {len(g)} | " + " | ".join(cells) + " |")
+    d, r = study["accuracy_diff_seed_mean"], study["accuracy_diff_by_region"]
+    lines += ["", "## NormBT − BT (pair accuracy, points; each pair's correctness averaged over the seeds; paired "
+              "bootstrap 95% interval over pairs)", "", "| group | n | NormBT − BT [95% CI] |", "|---|---|---|"]
+    lines += [f"| {k} | {v['n']} | {ci(v)} |" for k, v in d.items()]
+    lines += [f"| {k} distance third | {v['n']} | {ci(v)} |" for k, v in r.items() if k != "overall"]
+    lines += ["", f"Pairs where exactly one of the seed-0 models is right: {study['n_disagreements_seed0']}; by the "
+              "base model's distance: " + ", ".join(f"{k}: BT {v['a']} / NormBT {v['b']}"
+                                                    for k, v in study["by_region_seed0"].items()), "",
+              "Figures: " + ", ".join(f"`{Path(v[0]).relative_to(out)}`" for v in figs.values()), ""]
+    atomic_write_bytes(out / "REPORT.md", lambda t: t.write_text("\n".join(lines) + "\n"))
 
 
 if __name__ == "__main__":

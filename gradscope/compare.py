@@ -85,19 +85,35 @@ def regions_of(bin_index: pd.Series, n_bins: int) -> pd.Series:
     return bin_index.map(lambda b: region.get(int(b)) if pd.notna(b) else None)
 
 
+def pair_regions(distance: pd.DataFrame, bins: int = 10, edges: list[float] | None = None) -> tuple[pd.DataFrame, list]:
+    """Every pair's distance bin and region (small / medium / large third of the bins), and the edges."""
+    m = distance[[T.PAIR_ID, T.DISTANCE]].copy()
+    m[T.DISTANCE_BIN], used = bin_distances(m[T.DISTANCE], bins, edges)
+    m[T.REGION] = regions_of(m[T.DISTANCE_BIN], len(used) - 1)
+    return m, used
+
+
 def disagreements(a: pd.DataFrame, b: pd.DataFrame, distance: pd.DataFrame, bins: int = 10,
                   edges: list[float] | None = None) -> tuple[pd.DataFrame, list[float]]:
-    """Pairs where exactly one of A and B is correct, with distance, bin and region."""
+    """Pairs where exactly one of A and B is correct, with distance, bin and region (bins over the
+    pairs all three share)."""
     m = a[[T.PAIR_ID, T.SUBSET, T.CATEGORY, T.CORRECT]].rename(columns={T.CORRECT: T.CORRECT_A})
     m = m.merge(b[[T.PAIR_ID, T.CORRECT]].rename(columns={T.CORRECT: T.CORRECT_B}), on=T.PAIR_ID, how="inner")
     m = m.merge(distance[[T.PAIR_ID, T.DISTANCE]], on=T.PAIR_ID, how="inner")
     if m.empty:
         raise GradscopeError("compare: A, B and the distances share no pair_id")
-    m[T.DISTANCE_BIN], used = bin_distances(m[T.DISTANCE], bins, edges)
-    m[T.REGION] = regions_of(m[T.DISTANCE_BIN], len(used) - 1)
+    regions, used = pair_regions(m, bins, edges)
+    m = m.merge(regions[[T.PAIR_ID, T.DISTANCE_BIN, T.REGION]], on=T.PAIR_ID)
     d = m[m[T.CORRECT_A] != m[T.CORRECT_B]].copy()
     d[T.WINNER] = np.where(d[T.CORRECT_A], "a", "b")
     return d[list(T.DISAGREEMENTS_COLUMNS)].reset_index(drop=True), used
+
+
+def mean_correct(runs: list[pd.DataFrame]) -> pd.DataFrame:
+    """One row per pair with ``correct`` averaged over runs (seeds): the fraction of runs right."""
+    base = runs[0][[T.PAIR_ID, T.SUBSET, T.CATEGORY]].copy()
+    stacked = pd.concat([r[[T.PAIR_ID, T.CORRECT]].astype({T.CORRECT: float}) for r in runs])
+    return base.merge(stacked.groupby(T.PAIR_ID, as_index=False)[T.CORRECT].mean(), on=T.PAIR_ID)
 
 
 def exclusive_counts(d: pd.DataFrame, n_bins: int) -> pd.DataFrame:
@@ -107,13 +123,15 @@ def exclusive_counts(d: pd.DataFrame, n_bins: int) -> pd.DataFrame:
     return counts.rename_axis(T.DISTANCE_BIN).reset_index()
 
 
-def paired_bootstrap_diff(a: pd.DataFrame, b: pd.DataFrame, n_boot: int = 2000, seed: int = 0) -> dict:
-    """Accuracy of B minus A, overall and per category, with a paired percentile-bootstrap 95%
-    interval (pairs are resampled together, so both models see the same resample)."""
-    m = a[[T.PAIR_ID, T.CATEGORY, T.CORRECT]].merge(b[[T.PAIR_ID, T.CORRECT]], on=T.PAIR_ID, suffixes=("_a", "_b"))
+def paired_bootstrap_diff(a: pd.DataFrame, b: pd.DataFrame, n_boot: int = 2000, seed: int = 0,
+                          by: str = T.CATEGORY) -> dict:
+    """Accuracy of B minus A, overall and per value of ``by`` (a column of ``a``: category, or region),
+    with a paired percentile-bootstrap 95% interval (pairs are resampled together, so both models
+    see the same resample). ``correct`` may be a fraction of seeds (:func:`mean_correct`)."""
+    m = a[[T.PAIR_ID, by, T.CORRECT]].merge(b[[T.PAIR_ID, T.CORRECT]], on=T.PAIR_ID, suffixes=("_a", "_b"))
     rng = np.random.default_rng(seed)
     out = {}
-    for name, g in [("overall", m)] + list(m.groupby(T.CATEGORY, sort=True)):
+    for name, g in [("overall", m)] + list(m.groupby(by, sort=True)):
         ca, cb = g["correct_a"].to_numpy(float), g["correct_b"].to_numpy(float)
         n = len(g)
         diff = float(cb.mean() - ca.mean()) if n else math.nan
@@ -172,6 +190,9 @@ def run_compare(cfg: CompareConfig) -> dict:
     dist = distances_table(cfg, ids)
     d, used = disagreements(runs_a[0], runs_b[0], dist, bins=cfg.bins, edges=edges)
     n_bins = len(used) - 1
+    shared = dist[dist[T.PAIR_ID].isin(ids)]
+    regions = pair_regions(shared, edges=used)[0][[T.PAIR_ID, T.REGION]]
+    mean_a, mean_b = mean_correct(runs_a), mean_correct(runs_b)
     counts = exclusive_counts(d, n_bins)
     counts["distance_low"], counts["distance_high"] = used[:-1], used[1:]
     counts[T.REGION] = regions_of(counts[T.DISTANCE_BIN], n_bins)
@@ -183,6 +204,10 @@ def run_compare(cfg: CompareConfig) -> dict:
         "by_region": {r: {"a": int(((d[T.REGION] == r) & (d[T.WINNER] == "a")).sum()),
                           "b": int(((d[T.REGION] == r) & (d[T.WINNER] == "b")).sum())} for r in REGIONS},
         "accuracy_diff": paired_bootstrap_diff(runs_a[0], runs_b[0], cfg.n_boot, cfg.seed),
+        # with several seeds: each pair's correctness averaged over the seeds, by category and by distance third
+        "accuracy_diff_seed_mean": paired_bootstrap_diff(mean_a, mean_b, cfg.n_boot, cfg.seed),
+        "accuracy_diff_by_region": paired_bootstrap_diff(mean_a.merge(regions, on=T.PAIR_ID), mean_b, cfg.n_boot,
+                                                         cfg.seed, by=T.REGION),
         "seeds": {"a": seed_table(runs_a), "b": seed_table(runs_b)},
         "versions": versions(), "config": dataclasses.asdict(cfg),
     }

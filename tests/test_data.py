@@ -131,3 +131,23 @@ def test_truncation_keeps_a_leading_special_token_and_the_end_on_an_encoder():
     assert e.truncated and len(e.chosen_ids) == 16
     assert e.chosen_ids[0] == tok.cls_token_id and e.chosen_ids[1:] == full.chosen_ids[-15:]
     assert e.chosen_ids[-1] == tok.sep_token_id and e.chosen_ids != e.rejected_ids
+
+
+def test_split_by_prompt_never_puts_a_prompt_on_both_sides(shared_data):
+    from gradscope.data import prompt_key, split_by_prompt
+
+    pairs = load_pairs(str(shared_data / "train-reasoning.jsonl"))  # prompts repeat: several bugs per problem
+    assert len({prompt_key(p) for p in pairs}) < len(pairs) / 2
+    train, val = split_by_prompt(pairs, 0.2)
+    assert len(train) + len(val) == len(pairs) and 0.15 < len(val) / len(pairs) < 0.25
+    assert not {prompt_key(p) for p in train} & {prompt_key(p) for p in val}
+    # a pair's side depends on its prompt alone: a subset splits the same way
+    sub_train, sub_val = split_by_prompt(pairs[::7], 0.2)
+    assert {p.pair_id for p in sub_val} == {p.pair_id for p in val} & {p.pair_id for p in pairs[::7]}
+
+
+def test_several_sources_joined_by_commas(shared_data):
+    hh, rs = shared_data / "train-hh-rlhf.jsonl", shared_data / "train-reasoning.jsonl"
+    both = load_pairs(f"{hh},{rs}", limit=10, sample="stratified")
+    assert [p.pair_id for p in both] == [p.pair_id for p in load_pairs(hh, limit=10, sample="stratified")
+                                          + load_pairs(rs, limit=10, sample="stratified")]
