@@ -14,8 +14,9 @@ key hashes the backbone's config and weight files, its dtype and the cache forma
 by their token ids (chosen and rejected), so every data option that changes tokens (chat template,
 max length, truncation) changes the key, and a pair computed once serves every subset, limit,
 seed and command that meets it again. Parts are appended atomically every ``part_size`` pairs
-(``part-NNNNN.npy``, read memory-mapped with ``allow_pickle=False``, and ``part-NNNNN.json`` with
-the pair keys), so an interrupted build keeps what it finished.
+(``part-<time>-<pid>.npy``, read memory-mapped with ``allow_pickle=False``, and a ``.json`` with the
+pair keys, written second: a part counts once its keys exist), so an interrupted build keeps what
+it finished, and several processes may fill one store at once.
 
 For a causal decoder the two sides of a pair share their first tokens (the prompt, and for
 near-identical pairs much of the response): those are run once and their keys and values reused
@@ -29,6 +30,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -166,21 +168,22 @@ class FeatureStore:
         """The store of ``model``'s backbone (loaded from ``folder``) under ``root`` (default: the cache)."""
         return cls(Path(root or cache_dir() / "features") / (key or backbone_key(model, folder)))
 
-    def _part_ids(self) -> list[int]:
-        return sorted(int(p.stem.split("-")[1]) for p in self.root.glob("part-*.json"))
+    def _part_names(self) -> list[str]:
+        return sorted(p.stem for p in self.root.glob("part-*.json"))
 
-    def index(self) -> dict[str, tuple[int, int]]:
+    def index(self) -> dict[str, tuple[str, int]]:
+        """pair key -> (part, row), over the parts on disk (read once per store object)."""
         if self._index is None:
             self._index = {}
-            for n in self._part_ids():
-                for row, key in enumerate(json.loads((self.root / f"part-{n:05d}.json").read_text())):
-                    self._index.setdefault(key, (n, row))
+            for name in self._part_names():
+                for row, key in enumerate(json.loads((self.root / f"{name}.json").read_text())):
+                    self._index.setdefault(key, (name, row))
         return self._index
 
-    def _part(self, n: int) -> np.ndarray:
-        if n not in self._parts:
-            self._parts[n] = np.load(self.root / f"part-{n:05d}.npy", mmap_mode="r", allow_pickle=False)
-        return self._parts[n]
+    def _part(self, name: str) -> np.ndarray:
+        if name not in self._parts:
+            self._parts[name] = np.load(self.root / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+        return self._parts[name]
 
     def missing(self, encoded: list[EncodedPair]) -> list[int]:
         index = self.index()
@@ -189,13 +192,14 @@ class FeatureStore:
     def append(self, keys: list[str], states: np.ndarray) -> None:
         """Write one part atomically: the array first, then its keys (a part counts once its keys exist)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        n = (self._part_ids() or [-1])[-1] + 1
+        # a name no other writer (another process building the same store) can take
+        n = f"part-{time.time_ns():020d}-{os.getpid()}"
         for suffix, write in ((".npy", lambda f: np.save(f, np.ascontiguousarray(states), allow_pickle=False)),
                               (".json", lambda f: f.write(json.dumps(keys).encode()))):
             fd, tmp = tempfile.mkstemp(prefix=".part.", dir=self.root)
             with os.fdopen(fd, "wb") as f:
                 write(f)
-            os.replace(tmp, self.root / f"part-{n:05d}{suffix}")
+            os.replace(tmp, self.root / f"{n}{suffix}")
         index = self.index()
         for row, key in enumerate(keys):
             index.setdefault(key, (n, row))

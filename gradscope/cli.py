@@ -249,6 +249,14 @@ def _correlate(args) -> int:
     return 0
 
 
+# what an interrupted command leaves, and how to go on
+INTERRUPTED = {
+    "correlate": "finished batches are kept: rerun with --resume",
+    "train": "checkpoints written so far are kept: rerun with --resume last (needs --save-steps)",
+    "evaluate": "models scored before the interruption keep their files; the rest were not written",
+    "compare": "no result file was left half-written; rerun to compare",
+}
+
 HANDLERS = {"correlate": _correlate, "train": _train, "evaluate": _evaluate, "compare": _compare}
 
 
@@ -263,5 +271,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gradscope: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("gradscope: interrupted; finished batches are kept, rerun with --resume", file=sys.stderr)
+        print(f"gradscope: interrupted; {INTERRUPTED.get(args.command, 'no result file was left half-written')}",
+              file=sys.stderr)
         return 130

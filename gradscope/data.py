@@ -143,21 +143,36 @@ def _read_rows(source: str | Path, split: str) -> tuple[str, Iterator[tuple[str,
     return str(source), _hub_rows(str(source), split)
 
 
+def _not_utf8(path: Path, data: bytes, e: UnicodeDecodeError) -> DataError:
+    """The error for a file that is not UTF-8, naming the line of the first bad byte."""
+    line = data[: e.start].count(b"\n") + 1
+    return DataError(str(path), f"not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8",
+                     where=f"line {line}")
+
+
+def _read_text(path: Path) -> str:
+    """The file as text: UTF-8, with or without a byte-order mark."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, data, e) from None
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"line {lineno}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(str(path), f"malformed JSON ({e.msg} at column {e.colno})",
-                                where=f"line {lineno}") from None
+    for lineno, line in enumerate(_read_text(path).split("\n"), start=1):  # not splitlines: U+2028 may sit in a string
+        if not line.strip():
+            continue
+        try:
+            yield f"line {lineno}", json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(str(path), f"malformed JSON ({e.msg} at column {e.colno})",
+                            where=f"line {lineno}") from None
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise DataError(str(path), f"malformed JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
@@ -172,7 +187,14 @@ def _table_rows(path: Path) -> Iterator[tuple[str, Any]]:
     import pandas as pd
 
     try:
-        df = pd.read_parquet(path) if path.suffix.lower() == ".parquet" else pd.read_csv(path)
+        if path.suffix.lower() == ".parquet":
+            df = pd.read_parquet(path)
+        else:
+            import io
+
+            df = pd.read_csv(io.StringIO(_read_text(path)))
+    except DataError:
+        raise
     except Exception as e:  # pyarrow / pandas parse errors
         raise DataError(str(path), f"cannot read table ({type(e).__name__}: {e})") from None
     for i, row in enumerate(df.to_dict(orient="records")):

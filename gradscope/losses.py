@@ -209,37 +209,58 @@ class DOptLoss(EMAWeightedLoss):
 
 @dataclass(frozen=True)
 class LossSpec:
+    """A registered loss: its description, its builder, and the options it takes (the names of
+    ``gradscope train``'s flags without dashes: label_smoothing, normbt_alpha, ema_beta)."""
+
     description: str
     build: Callable[..., PairLoss]
+    options: tuple[str, ...] = ()
+
+
+NORMBT_OPTIONS = ("normbt_alpha", "ema_beta")
 
 
 def _normbt(base="bt", **kw):
-    return lambda **opts: NormBTLoss(base=base, **{**kw, **opts})
+    def build(normbt_alpha=1.0, ema_beta=0.9, label_smoothing=0.1):
+        return NormBTLoss(base=base, alpha=normbt_alpha, beta=ema_beta, label_smoothing=label_smoothing, **kw)
+
+    return build
 
 
 LOSSES: dict[str, LossSpec] = {
-    "bt": LossSpec("-log σ(d)", lambda **o: PairLoss("bt")),
-    "margin": LossSpec("-log σ(d - m), m the pair's margin", lambda **o: PairLoss("margin")),
-    "margin_out": LossSpec("-m · log σ(d)", lambda **o: PairLoss("margin_out")),
-    "label_smooth": LossSpec("-(1-α) log σ(d) - α log σ(-d), α = 0.1",
-                             lambda label_smoothing=0.1, **o: PairLoss("label_smooth", label_smoothing)),
-    "normbt": LossSpec("(μ_t / (‖Δh‖ + ε)) · -log σ(d), μ_t the EMA of the batch-mean ‖Δh‖", _normbt()),
-    "normbt_noema": LossSpec("1 / (‖Δh‖ + ε) · -log σ(d) (no EMA)", _normbt(ema=False)),
-    "normbt_meanpool": LossSpec("NormBT on the distance of mean-pooled states", _normbt(distance="meanpool_l2")),
-    "normbt_cosine": LossSpec("NormBT on the cosine distance of last-token states", _normbt(distance="cosine")),
+    "bt": LossSpec("-log σ(d)", lambda: PairLoss("bt")),
+    "margin": LossSpec("-log σ(d - m), m the pair's margin", lambda: PairLoss("margin")),
+    "margin_out": LossSpec("-m · log σ(d)", lambda: PairLoss("margin_out")),
+    "label_smooth": LossSpec("-(1-α) log σ(d) - α log σ(-d), α = --label-smoothing (0.1)",
+                             lambda label_smoothing=0.1: PairLoss("label_smooth", label_smoothing),
+                             ("label_smoothing",)),
+    "normbt": LossSpec("(μ_t / (‖Δh‖ + ε))^α · -log σ(d), μ_t the EMA of the batch-mean ‖Δh‖", _normbt(),
+                       NORMBT_OPTIONS),
+    "normbt_noema": LossSpec("(1 / (‖Δh‖ + ε))^α · -log σ(d) (no EMA)", _normbt(ema=False), ("normbt_alpha",)),
+    "normbt_meanpool": LossSpec("NormBT on the distance of mean-pooled states", _normbt(distance="meanpool_l2"),
+                                NORMBT_OPTIONS),
+    "normbt_cosine": LossSpec("NormBT on the cosine distance of last-token states", _normbt(distance="cosine"),
+                              NORMBT_OPTIONS),
     "dopt": LossSpec("D-optimal weight σ(d)σ(-d)‖Δh‖² / EMA (favours large distances)",
-                     lambda beta=0.9, **o: DOptLoss(beta=beta)),
-    "normbt+margin": LossSpec("NormBT weights × -log σ(d - m)", _normbt("margin")),
-    "normbt+margin_out": LossSpec("NormBT weights × -m log σ(d)", _normbt("margin_out")),
-    "normbt+label_smooth": LossSpec("NormBT weights × label-smoothed BT", _normbt("label_smooth")),
+                     lambda ema_beta=0.9: DOptLoss(beta=ema_beta), ("ema_beta",)),
+    "normbt+margin": LossSpec("NormBT weights × -log σ(d - m)", _normbt("margin"), NORMBT_OPTIONS),
+    "normbt+margin_out": LossSpec("NormBT weights × -m log σ(d)", _normbt("margin_out"), NORMBT_OPTIONS),
+    "normbt+label_smooth": LossSpec("NormBT weights × label-smoothed BT", _normbt("label_smooth"),
+                                    (*NORMBT_OPTIONS, "label_smoothing")),
 }
 
 
 def build_loss(name: str, **options) -> PairLoss:
-    """A fresh loss module by registry name; an unknown name lists the known ones."""
+    """A fresh loss module by registry name. An unknown name lists the known ones; an option the
+    loss does not take is refused, naming it (it would otherwise be silently ignored)."""
     if name not in LOSSES:
         raise GradscopeError(f"unknown loss {name!r}; known: {', '.join(sorted(LOSSES))}")
-    loss = LOSSES[name].build(**options)
+    spec = LOSSES[name]
+    for option in options:
+        if option not in spec.options:
+            takes = ", ".join("--" + o.replace("_", "-") for o in spec.options) or "no options"
+            raise GradscopeError(f"loss '{name}' does not take --{option.replace('_', '-')} (it takes {takes})")
+    loss = spec.build(**options)
     loss.name = name
     return loss
 

@@ -249,12 +249,19 @@ def load_model(
         if meta.get("base_model") and not (folder / "config.json").exists():
             return _load_head_checkpoint(folder, meta, source, dtype=torch_dtype, seed=seed,
                                          trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
+    if isinstance(folder, Path) and "gguf_file" not in kwargs:
+        refuse_pickled_weights(folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **{k: v for k, v in kwargs.items()
                                                              if k != "attn_implementation"})
-        backbone = AutoModel.from_pretrained(folder, dtype=torch.float32, **kwargs)
+        # safetensors only (a pickle runs code when read); loaded straight in the wanted dtype, so a
+        # float64 checkpoint stays bit-exact
+        backbone = AutoModel.from_pretrained(folder, dtype=torch_dtype, use_safetensors="gguf_file" not in kwargs,
+                                             **kwargs)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(folder, Path):
+            raise ModelError(f"{source}: the local model folder failed to load ({first})") from None
         raise ModelError(f"unknown model '{source}': not an alias ({', '.join(sorted(ALIASES))}), "
                          f"not a local folder, and loading it from the hub failed ({first})") from None
     if getattr(backbone, "pooler", None) is not None:
@@ -266,6 +273,22 @@ def load_model(
         _load_head(model, folder)
     model = model.to(torch_dtype).eval()
     return LoadedModel(model, tokenizer, str(source), str(folder), meta)
+
+
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+
+
+def refuse_pickled_weights(folder: Path) -> None:
+    """A model folder whose weights are pickles (``pytorch_model.bin`` …) and not safetensors is
+    refused, never read: unpickling runs code from the file, and even ``torch.load(weights_only=True)``
+    still parses untrusted pickle bytes."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(f for pattern in PICKLED_WEIGHTS for f in folder.glob(pattern))
+    if pickled:
+        raise ModelError(f"{pickled[0]}: pickled weights are refused (reading a pickle can run code); where you "
+                         "trust the file, convert it once: python -c \"from transformers import AutoModel; "
+                         f"AutoModel.from_pretrained('{folder}').save_pretrained('{folder}-safetensors')\"")
 
 
 def _load_head(model: RewardModel, folder: Path) -> None:

@@ -78,9 +78,11 @@ class TrainConfig:
                           "the response.")
     max_grad_norm: float | None = opt(None, "Global gradient clipping (off by default).")
     head_layernorm: bool = opt(False, "A LayerNorm before the reward head.")
-    label_smoothing: float = opt(0.1, "α of the label_smooth losses.")
-    normbt_alpha: float = opt(1.0, "Exponent α of the NormBT weight (μ/(‖Δh‖+ε))^α.")
-    ema_beta: float = opt(0.9, "β of the EMA of the batch-mean distance.")
+    label_smoothing: float | None = opt(None, "α of the label_smooth losses (default 0.1); refused by the others.")
+    normbt_alpha: float | None = opt(None, "Exponent α of the NormBT weight (μ/(‖Δh‖+ε))^α (default 1); NormBT "
+                                     "losses only.")
+    ema_beta: float | None = opt(None, "β of the EMA of the batch-mean distance (default 0.9); EMA-weighted losses "
+                                 "only.")
     dtype: str = opt("auto", "Training dtype: auto (bf16 on GPUs that have it, else float32), float32, bfloat16.",
                      choices=["auto", "float32", "bfloat16"])
     limit: int | None = opt(None, "Train on N pairs only; see --sample.")
@@ -518,14 +520,8 @@ def _base_reference(model: str) -> str:
 
 
 def _loss_options(cfg: TrainConfig) -> dict:
-    opts = {}
-    if cfg.loss.startswith("normbt"):
-        opts.update(alpha=cfg.normbt_alpha, beta=cfg.ema_beta, label_smoothing=cfg.label_smoothing)
-    elif cfg.loss == "label_smooth":
-        opts.update(label_smoothing=cfg.label_smoothing)
-    elif cfg.loss == "dopt":
-        opts.update(beta=cfg.ema_beta)
-    return opts
+    """The loss options the user set (the loss refuses those it does not take)."""
+    return {k: getattr(cfg, k) for k in ("label_smoothing", "normbt_alpha", "ema_beta") if getattr(cfg, k) is not None}
 
 
 def _resume_dir(cfg: TrainConfig, out: Path) -> Path | None:

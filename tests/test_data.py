@@ -4,6 +4,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from gradscope.cli import main
 from gradscope.data import FieldNames, PairEncoder, collate, load_pairs
@@ -151,3 +152,106 @@ def test_several_sources_joined_by_commas(shared_data):
     both = load_pairs(f"{hh},{rs}", limit=10, sample="stratified")
     assert [p.pair_id for p in both] == [p.pair_id for p in load_pairs(hh, limit=10, sample="stratified")
                                           + load_pairs(rs, limit=10, sample="stratified")]
+
+
+ROWS = [GOOD, {**GOOD, "id": "b", "chosen": "café ☕", "prompt": "naïve?"}]
+
+
+def _as(fmt: str, path, rows):
+    import pandas as pd
+
+    if fmt == "jsonl":
+        return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if fmt == "json":
+        return json.dumps(rows, ensure_ascii=False)
+    return pd.DataFrame(rows).to_csv(index=False)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv"])
+def test_a_utf8_byte_order_mark_loads_the_same_table(tmp_path, fmt):
+    plain, bom = tmp_path / f"plain.{fmt}", tmp_path / f"bom.{fmt}"
+    text = _as(fmt, plain, ROWS)
+    plain.write_bytes(text.encode("utf-8"))
+    bom.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    a, b = load_pairs(plain), load_pairs(bom)
+    assert [(p.pair_id, p.chosen, p.rejected) for p in a] == [(p.pair_id, p.chosen, p.rejected) for p in b]
+    assert a[1].chosen[-1]["content"] == "café ☕"
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv"])
+def test_a_latin1_file_exits_2_naming_its_line(tmp_path, capsys, fmt, tiny_model_dir):
+    f = tmp_path / f"latin1.{fmt}"
+    f.write_bytes(_as(fmt, f, ROWS).encode("latin-1", errors="replace").replace(b"?", b"\xe9"))
+    with pytest.raises(DataError) as e:
+        load_pairs(f)
+    assert "not UTF-8" in str(e.value) and str(e.value).startswith(f"{f}: line ")
+    out = tmp_path / "out"
+    code = main(["correlate", "--data", str(f), "--model", str(tiny_model_dir), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "not UTF-8" in err[-1] and "Traceback" not in "\n".join(err) and not out.exists()
+
+
+# ------------------------------------------------------------------------------ loading trusts nothing
+
+
+class _Touch:
+    """Unpickling this object creates a marker file: what a malicious weights file could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+@pytest.mark.parametrize("kind", ["plain", "malicious"])
+def test_pickled_weights_are_refused_in_one_line_and_never_unpickled(tmp_path, capsys, kind):
+    import pickle
+
+    from tiny import tiny_backbone, tiny_tokenizer
+
+    folder = tmp_path / "pickled"
+    bb = tiny_backbone("llama")
+    bb.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    torch.save(bb.state_dict(), folder / "pytorch_model.bin")  # the old HF layout
+    assert (folder / "pytorch_model.bin").exists() and not list(folder.glob("*.safetensors"))
+    marker = tmp_path / "pwned"
+    if kind == "malicious":
+        (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Touch(marker)))
+    out = tmp_path / "out"
+    code = main(["correlate", "--model", str(folder), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "Traceback" not in "\n".join(err)
+    assert err[-1].startswith(f"gradscope: error: {folder / 'pytorch_model.bin'}: pickled weights are refused")
+    assert not marker.exists() and not out.exists()
+
+
+def test_a_float64_checkpoint_round_trips_bit_exact(tmp_path):
+    from tiny import save_tiny_model_dir
+
+    from gradscope.model import load_model, save_reward_model
+
+    base = load_model(str(save_tiny_model_dir(tmp_path / "base")), dtype="float64", seed=3)
+    with torch.no_grad():  # values that float32 cannot hold
+        for p in base.model.parameters():
+            p.add_(torch.randn_like(p) * 1e-9)
+    save_reward_model(base.model, base.tokenizer, tmp_path / "ckpt", {"step": 0})
+    again = load_model(str(tmp_path / "ckpt"), dtype="float64")
+    a, b = base.model.state_dict(), again.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype == torch.float64 and torch.equal(a[k], b[k]), k
+
+
+def test_a_local_folder_that_fails_to_load_says_so(tmp_path):
+    from gradscope.errors import ModelError
+    from gradscope.model import load_model
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ModelError, match="broken: the local model folder failed to load"):
+        load_model(str(tmp_path / "broken"))

@@ -39,8 +39,16 @@ def test_fast_engines_equal_loop_float64(kind, padding, engine):
     assert_norms_match(ref.sq_norms, fast.sq_norms, rtol=1e-6, names=ref.names)
     torch.testing.assert_close(fast.rewards, ref.rewards, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(fast.last_hidden, ref.last_hidden, rtol=1e-12, atol=1e-12)
-    # the pair whose two sequences are identical has no gradient at all
-    assert ref.sq_norms[3].sum() < 1e-20 * ref.sq_norms.sum(1).max()
+    # the pair whose two sequences are identical has no gradient at all: exactly 0 in every engine
+    assert (ref.sq_norms[3] == 0).all() and (fast.sq_norms[3] == 0).all()
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_identical_pairs_are_exactly_zero_in_float32(engine):
+    model = tiny_reward_model("llama", torch.float32)
+    ids, mask = random_pairs(4, 9, seed=5, identical=2, padding_side="left")
+    g = ENGINES[engine](model, ids, mask, chunk_size=2)
+    assert (g.sq_norms[2] == 0).all() and (g.sq_norms[[0, 1, 3]].sum(1) > 0).all()
 
 
 @pytest.mark.parametrize("kind", KINDS)

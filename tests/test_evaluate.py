@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from gradscope import tables as T
 from gradscope.cli import main
@@ -123,3 +124,21 @@ def test_evaluate_and_compare_end_to_end(tiny_model_dir, tmp_path, capsys):
     s = json.loads((tmp_path / "cmp" / T.COMPARE_FILE).read_text())
     assert s["n_pairs"] == 24 and sum(r["a"] + r["b"] for r in s["exclusive_correct"]) == len(d)
     assert (tmp_path / "cmp" / T.FIG4_FILE).stat().st_size > 5_000
+
+
+@pytest.mark.parametrize("command", ["evaluate", "compare"])
+def test_ctrl_c_does_not_advise_a_resume_the_command_lacks(command, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import gradscope.evaluate
+    import gradscope.scoring
+    from gradscope.cli import main
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gradscope.scoring, "score_pairs", interrupted)
+    monkeypatch.setattr(gradscope.evaluate, "score_pairs", interrupted)
+    args = {"evaluate": ["evaluate", "--model", str(tiny_model_dir)],
+            "compare": ["compare", str(tiny_model_dir), str(tiny_model_dir)]}[command]
+    code = main([*args, "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and err[-1].startswith("gradscope: interrupted;") and "--resume" not in err[-1]

@@ -118,3 +118,21 @@ def test_registry_errors_and_margin_requirement():
     assert set(LOSSES) >= {"bt", "margin", "margin_out", "label_smooth", "normbt", "normbt_noema", "normbt_meanpool",
                            "normbt_cosine", "dopt", "normbt+margin", "normbt+margin_out", "normbt+label_smooth"}
     assert effective_sample_size(torch.ones(4)) == 4.0
+
+
+@pytest.mark.parametrize("loss,flag", [("bt", "--label-smoothing"), ("label_smooth", "--normbt-alpha"),
+                                       ("normbt", "--label-smoothing"), ("dopt", "--normbt-alpha")])
+def test_a_loss_given_an_option_it_does_not_take_exits_2_naming_it(tmp_path, capsys, loss, flag):
+    from gradscope.cli import main
+
+    code = main(["train", "--loss", loss, flag, "0.2", "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == f"gradscope: error: loss '{loss}' does not take {flag}" + err[-1].split(flag, 1)[1]
+    assert "Traceback" not in "\n".join(err) and not (tmp_path / "out").exists()
+
+
+def test_options_a_loss_takes_are_used():
+    assert build_loss("label_smooth", label_smoothing=0.25).label_smoothing == 0.25
+    n = build_loss("normbt+label_smooth", normbt_alpha=0.5, ema_beta=0.5, label_smoothing=0.2)
+    assert (n.alpha, n.beta, n.label_smoothing) == (0.5, 0.5, 0.2)
+    assert build_loss("dopt", ema_beta=0.8).beta == 0.8

@@ -70,9 +70,11 @@ def test_dynamics_and_checkpoint_contents(tiny_model_dir, margin_data, tmp_path)
     torch.testing.assert_close(loaded.model.head.weight, load_file(tmp_path / "head.safetensors")["head.weight"])
 
 
-def test_resume_after_a_kill_ends_with_the_same_weights(tiny_model_dir, margin_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_resume_after_a_kill_ends_with_the_same_weights(tiny_model_dir, margin_data, tmp_path, monkeypatch, optimizer):
     full = tmp_path / "full"
-    run_train(cfg(tiny_model_dir, margin_data, full, loss="normbt", max_steps=8, save_steps=4), log=lambda m: None)
+    run_train(cfg(tiny_model_dir, margin_data, full, loss="normbt", max_steps=8, save_steps=4, optimizer=optimizer),
+              log=lambda m: None)
 
     killed = tmp_path / "killed"
     real = train_mod.Trainer.save
@@ -84,11 +86,12 @@ def test_resume_after_a_kill_ends_with_the_same_weights(tiny_model_dir, margin_d
 
     monkeypatch.setattr(train_mod.Trainer, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        run_train(cfg(tiny_model_dir, margin_data, killed, loss="normbt", max_steps=8, save_steps=4), log=lambda m: None)
+        run_train(cfg(tiny_model_dir, margin_data, killed, loss="normbt", max_steps=8, save_steps=4,
+                      optimizer=optimizer), log=lambda m: None)
     monkeypatch.setattr(train_mod.Trainer, "save", real)
     assert not (killed / "gradscope.json").exists() and (killed / "checkpoint-4").exists()
-    run_train(cfg(tiny_model_dir, margin_data, killed, loss="normbt", max_steps=8, save_steps=4, resume="last"),
-              log=lambda m: None)
+    run_train(cfg(tiny_model_dir, margin_data, killed, loss="normbt", max_steps=8, save_steps=4, resume="last",
+                  optimizer=optimizer), log=lambda m: None)
     for f in ("model.safetensors", "head.safetensors"):
         a, b = load_file(full / f), load_file(killed / f)
         for k in a:

@@ -8,7 +8,10 @@ final-layer states from the same forward pass. See :class:`PairGrads`.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
+
+import torch
 
 from ..errors import GradscopeError
 from .blocks import block_of, block_order
@@ -18,10 +21,33 @@ from .ghost import supports as ghost_supports
 from .loop import loop_engine
 from .vmap import vmap_engine
 
+
+
+def identical_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, 2, T) -> (B,) True where both sides are the same tokens at the same positions."""
+    same_mask = (attention_mask[:, 0] == attention_mask[:, 1]).all(-1)
+    same_ids = ((input_ids[:, 0] == input_ids[:, 1]) | (attention_mask[:, 0] == 0)).all(-1)
+    return same_mask & same_ids
+
+
+def _identical_pairs_exactly_zero(engine: Callable[..., PairGrads]) -> Callable[..., PairGrads]:
+    """A pair whose two sides are the same tokens has d = r_w - r_l = 0 for every θ, so ∇θ d = 0
+    exactly; an engine's arithmetic leaves rounding there (float32 ghost: ~1e-6 of a typical
+    norm), which is set to the exact 0."""
+    @functools.wraps(engine)
+    def run(model, input_ids, attention_mask, **kw) -> PairGrads:
+        g = engine(model, input_ids, attention_mask, **kw)
+        same = identical_pairs(input_ids, attention_mask).to(g.sq_norms.device)
+        if same.any():
+            g.sq_norms[same] = 0.0
+        return g
+
+    return run
+
+
 ENGINES: dict[str, Callable[..., PairGrads]] = {
-    "loop": loop_engine,
-    "vmap": vmap_engine,
-    "ghost": ghost_engine,
+    name: _identical_pairs_exactly_zero(fn) for name, fn in
+    {"loop": loop_engine, "vmap": vmap_engine, "ghost": ghost_engine}.items()
 }
 AUTO = "auto"
 
