@@ -112,7 +112,7 @@ def main(argv=None) -> Path:
 
     # 5. compare BT and NormBT over all seeds
     cmp = run_compare(CompareConfig(a=",".join(str(e) for e in evals["bt"]), b=",".join(str(e) for e in evals["normbt"]),
-                                    data=s["eval_data"], distance_model=model, out=str(out / "compare"), bins=9,
+                                    data=s["eval_data"], model=model, out=str(out / "compare"), bins=9,
                                     label_a="BT", label_b="NormBT", max_length=s["eval_max_length"], progress=progress))
     figs = {"fig4": fig4(out / "compare" / "compare.json", out / "figures" / "fig4"),
             "fig9": fig9({f"{loss} seed {i}": r / "dynamics.parquet" for loss in MAIN for i, r in enumerate(finals[loss])

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .data import EncodedPair
-from .model import RewardModel, RewardOutput, cache_dir, last_token_index
+from .model import RewardModel, RewardOutput, cache_dir
 
 FORMAT_VERSION = 1
 ROWS = ("h_w", "h_l", "mean_w", "mean_l")

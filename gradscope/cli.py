@@ -101,16 +101,16 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = _unwrap_optional(hints[f.name])
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", [])]
         help_ = f.metadata.get("help", "")
         if f.metadata.get("positional"):
             parser.add_argument(f.name, metavar=f.name.upper(), help=help_)
             continue
         if f.metadata.get("action") == "append":
-            parser.add_argument(flag, action="append", default=None, metavar=f.name.upper(), help=help_)
+            parser.add_argument(*flags, dest=f.name, action="append", default=None, metavar=f.name.upper(), help=help_)
             continue
         if tp is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                 help=help_ + " (default: %(default)s)")
             continue
         kwargs = dict(type=tp, default=f.default, help=help_ + " (default: %(default)s)",
@@ -118,7 +118,7 @@ def add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
             kwargs.pop("metavar")
-        parser.add_argument(flag, **kwargs)
+        parser.add_argument(*flags, dest=f.name, **kwargs)
 
 
 def config_from_args(cls, args: argparse.Namespace):

@@ -12,10 +12,10 @@ import pandas as pd
 
 from . import tables as T
 from .config import opt, versions
-from .data import FieldNames, PairEncoder, load_pairs
+from .inputs import DataOptions, ModelOptions, load_inputs, option_names
 from .errors import GradscopeError
 from .evaluate import EvaluateConfig, evaluate_model, section_scores, subset_accuracies
-from .model import DEFAULT_MODEL, fit_max_length, load_model
+from .model import DEFAULT_MODEL
 from .rewardbench import CATEGORIES
 from .scoring import score_pairs
 
@@ -23,15 +23,15 @@ REGIONS = ("small", "medium", "large")
 
 
 @dataclass
-class CompareConfig:
-    """Options of `gradscope compare`."""
+class CompareConfig(ModelOptions, DataOptions):
+    """Options of `gradscope compare` (model and data options: the shared ones of :mod:`gradscope.inputs`;
+    here the model is the base model whose distances bin the pairs)."""
 
     a: str = opt(None, "Model A: a scores.parquet, an evaluate output folder, or a model to evaluate on the "
                  "spot; several seeds as A1,A2,A3.", positional=True)
     b: str = opt(None, "Model B, as A (e.g. NormBT against A's BT).", positional=True)
-    data: str = opt("demo", "The pairs both were (or are to be) scored on; needed for distances and on-the-spot "
-                    "evaluation.")
-    distance_model: str = opt(DEFAULT_MODEL, "Base model whose last-token distance ‖h_w - h_l‖ bins the pairs.")
+    model: str = opt(DEFAULT_MODEL, "Base model whose last-token distance ‖h_w - h_l‖ bins the pairs (alias, "
+                     "folder, .gguf or hub id).", aliases=["--distance-model"])
     distances: str | None = opt(None, "Read distances from this table instead (a correlate pairs.parquet or a "
                                 "table with pair_id and proxy_l2).")
     out: str = opt("results/compare", "Output directory (disagreements.parquet, compare.json, fig4.png).")
@@ -40,9 +40,6 @@ class CompareConfig:
     label_a: str = opt("A", "Name of model A in tables and figures.")
     label_b: str = opt("B", "Name of model B.")
     n_boot: int = opt(2000, "Paired bootstrap resamples for accuracy differences.")
-    seed: int = opt(0, "Seed of the bootstrap.")
-    max_length: int = opt(1024, "Tokens kept per side (distances, on-the-spot evaluation); a longer side loses its "
-                          "oldest prompt tokens, never the end of the response.")
     batch_size: int = opt(16, "Pairs per forward batch.")
     feature_cache: bool = opt(True, "Read pooled states from the on-disk feature cache (see evaluate).")
     progress: bool = opt(True, "Show progress bars.")
@@ -59,10 +56,10 @@ def load_scores(spec: str, cfg: CompareConfig, pairs_cache: dict) -> pd.DataFram
         df = pd.read_parquet(p / T.SCORES_FILE)
     else:  # a model: evaluate it on the spot
         if "pairs" not in pairs_cache:
-            pairs_cache["pairs"] = load_pairs(cfg.data, fields=FieldNames())
-        ecfg = EvaluateConfig(model=[spec], data=cfg.data, out=str(Path(cfg.out) / "scores" / p.name),
-                              max_length=cfg.max_length, batch_size=cfg.batch_size, progress=cfg.progress,
-                              feature_cache=cfg.feature_cache)
+            pairs_cache["pairs"] = cfg.load_pairs()
+        shared = {k: getattr(cfg, k) for k in option_names(DataOptions) | option_names(ModelOptions)}
+        ecfg = EvaluateConfig(**{**shared, "model": [spec]}, out=str(Path(cfg.out) / "scores" / p.name),
+                              batch_size=cfg.batch_size, progress=cfg.progress, feature_cache=cfg.feature_cache)
         evaluate_model(spec, ecfg, pairs_cache["pairs"], Path(ecfg.out))
         df = pd.read_parquet(Path(ecfg.out) / T.SCORES_FILE)
     T.require_columns(df, [T.PAIR_ID, T.SUBSET, T.CATEGORY, T.CORRECT], spec)
@@ -169,10 +166,8 @@ def distances_table(cfg: CompareConfig, pair_ids: set) -> pd.DataFrame:
         df = pd.read_parquet(cfg.distances)
         T.require_columns(df, [T.PAIR_ID, T.PROXY_L2], cfg.distances)
         return df[[T.PAIR_ID, T.PROXY_L2]].rename(columns={T.PROXY_L2: T.DISTANCE})
-    pairs = [p for p in load_pairs(cfg.data, fields=FieldNames()) if p.pair_id in pair_ids]
-    loaded = load_model(cfg.distance_model)
-    enc = PairEncoder(loaded.tokenizer, max_length=fit_max_length(loaded.model, cfg.max_length))
-    scored = score_pairs(loaded, [enc.encode(p) for p in pairs], batch_size=cfg.batch_size,
+    inputs = load_inputs(cfg, pairs=[p for p in cfg.load_pairs() if p.pair_id in pair_ids])
+    scored = score_pairs(inputs.loaded, inputs.encoded, batch_size=cfg.batch_size,
                          progress=cfg.progress, desc="distances", feature_cache=cfg.feature_cache)
     return scored[[T.PAIR_ID, T.PROXY_L2]].rename(columns={T.PROXY_L2: T.DISTANCE})
 
@@ -199,7 +194,7 @@ def run_compare(cfg: CompareConfig) -> dict:
     out = Path(cfg.out)
     summary = {
         "a": cfg.a, "b": cfg.b, "label_a": cfg.label_a, "label_b": cfg.label_b, "data": cfg.data,
-        "distance_model": cfg.distances or cfg.distance_model, "n_pairs": len(ids), "n_disagreements": int(len(d)),
+        "distance_model": cfg.distances or cfg.model, "n_pairs": len(ids), "n_disagreements": int(len(d)),
         "bin_edges": used, "exclusive_correct": counts.to_dict(orient="records"),
         "by_region": {r: {"a": int(((d[T.REGION] == r) & (d[T.WINNER] == "a")).sum()),
                           "b": int(((d[T.REGION] == r) & (d[T.WINNER] == "b")).sum())} for r in REGIONS},

@@ -11,6 +11,14 @@ def opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+def reopt(cls, name: str, default, **kw):
+    """Option ``name`` of the options class ``cls`` with another default for one command (help kept)."""
+    import dataclasses
+
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return field(default=default, metadata={**f.metadata, **kw})
+
+
 def versions() -> dict:
     import importlib.metadata as md
 

@@ -16,10 +16,11 @@ from accelerate import PartialState
 
 from . import tables as T
 from .config import opt, versions
-from .data import SAMPLE_MODES, EncodedPair, FieldNames, PairEncoder, collate, load_pairs
+from .data import EncodedPair, PairEncoder, collate
 from .errors import GradscopeError
 from .gradients import AUTO, ENGINES, PairGrads, block_of, block_order, get_engine, resolve_engine
-from .model import ALIASES, DEFAULT_MODEL, DTYPES, LoadedModel, fit_max_length, load_model, pad_token_id
+from .inputs import DataOptions, ModelOptions, load_inputs
+from .model import DTYPES, LoadedModel, fit_max_length, pad_token_id
 from .proxies import PROXIES
 from .stats import by_category, by_reward_diff_bin, correlations
 
@@ -27,53 +28,25 @@ PARTIAL_DIR = ".partial"
 
 
 @dataclass
-class CorrelateConfig:
-    """Options of `gradscope correlate` (the CLI is generated from these fields)."""
+class CorrelateConfig(ModelOptions, DataOptions):
+    """Options of `gradscope correlate` (the CLI is generated from these fields; the model and data
+    options are the shared ones of :mod:`gradscope.inputs`)."""
 
-    model: str = opt(DEFAULT_MODEL, "Backbone: an alias (" + ", ".join(f"{k}: {v.description}" for k, v in
-                     ALIASES.items()) + "), a local HF folder or gradscope checkpoint, a .gguf file, "
-                     "or a hub id.")
-    data: str = opt("demo", "Preference pairs: 'demo' (built-in demo set, 64 pairs), a local "
-                    ".jsonl/.json/.parquet/.csv file, or a hub dataset id.")
     out: str = opt("results/correlate", "Output directory (pairs.parquet, grad_blocks.parquet, "
                    "summary.json, fig8.png).")
     engine: str = opt(AUTO, "Gradient engine: loop (one backward per pair, the reference), vmap "
                       "(torch.func per-sample gradients), ghost (one batched backward; exact), or auto "
                       "(ghost when the model has only layers it has rules for, else vmap).",
                       choices=[AUTO, *sorted(ENGINES)])
-    dtype: str = opt("float32", "Model dtype for the computation.", choices=sorted(DTYPES))
     batch_size: int = opt(8, "Pairs per batch (one part file each; the unit of --resume).")
     chunk_size: int = opt(2, "Pairs per vmap chunk (memory ≈ chunk × parameters).")
-    max_length: int = opt(1024, "Tokens kept per side (prompt+response); a longer side loses its oldest "
-                          "prompt tokens (never the end of the response) and is flagged in the 'truncated' column.")
-    limit: int | None = opt(None, "Keep only N pairs (a quick look at a large set); see --sample.")
-    sample: str = opt("first", "Which N pairs --limit keeps: the first N, or N spread evenly over "
-                      "the subsets of every category.", choices=list(SAMPLE_MODES))
-    split: str = opt("train", "Split, for hub dataset ids.")
-    prompt_field: str = opt("prompt", "Row field holding the prompt (string or list of messages).")
-    chosen_field: str = opt("chosen", "Row field holding the chosen response.")
-    rejected_field: str = opt("rejected", "Row field holding the rejected response.")
-    id_field: str = opt("id", "Row field holding the pair id (default: the row index).")
-    subset_field: str = opt("subset", "Row field holding the subset name.")
-    category_field: str = opt("category", "Row field holding the category (default: from the "
-                              "subset via RewardBench's sections, else 'all').")
-    chat_template: bool = opt(True, "Apply the tokenizer's chat template when it has one.")
     padding_side: str = opt("right", "Pad side within a batch (results do not depend on it).",
                             choices=["right", "left"])
-    seed: int = opt(0, "Seed of the fresh head (ignored for checkpoints with a trained head) and of "
-                    "the bootstrap.")
     n_bins: int = opt(5, "Quantile bins of reward_diff for by_reward_diff_bin.")
     n_boot: int = opt(2000, "Bootstrap resamples for the Pearson 95%% interval.")
     resume: bool = opt(False, "Continue an interrupted run in --out after its last finished batch.")
-    trust_remote_code: bool = opt(False, "Allow model code from the model's repository (off: "
-                                  "untrusted code never runs).")
-    revision: str | None = opt(None, "Hub revision of the model.")
     threads: int | None = opt(None, "torch CPU threads (default: torch's choice).")
     progress: bool = opt(True, "Show a progress bar.")
-
-    def fields(self) -> FieldNames:
-        return FieldNames(prompt=self.prompt_field, chosen=self.chosen_field, rejected=self.rejected_field,
-                          id=self.id_field, subset=self.subset_field, category=self.category_field)
 
     def validate(self) -> None:
         for name in ("batch_size", "chunk_size", "max_length", "n_bins"):
@@ -204,15 +177,9 @@ def run_correlate(cfg: CorrelateConfig, log=print) -> dict:
     state = PartialState(cpu=not torch.cuda.is_available())
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    pairs = load_pairs(cfg.data, split=cfg.split, fields=cfg.fields(), limit=cfg.limit, sample=cfg.sample)
-    loaded = load_model(cfg.model, dtype=cfg.dtype, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code,
-                        revision=cfg.revision)
+    inputs = load_inputs(cfg, log=log)
+    loaded, encoded, max_len = inputs.loaded, inputs.encoded, inputs.max_length
     engine = resolve_engine(cfg.engine, loaded.model)
-    max_len = fit_max_length(loaded.model, cfg.max_length)
-    if max_len < cfg.max_length:
-        log(f"note: --max-length {cfg.max_length} exceeds the model's {max_len} positions; using {max_len}")
-    encoder = PairEncoder(loaded.tokenizer, max_length=max_len, chat_template=cfg.chat_template)
-    encoded = [encoder.encode(p) for p in pairs]
 
     out = Path(cfg.out)
     partial = out / PARTIAL_DIR

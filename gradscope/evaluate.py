@@ -14,9 +14,9 @@ import pandas as pd
 
 from . import tables as T
 from .config import opt, versions
-from .data import SAMPLE_MODES, FieldNames, PairEncoder, load_pairs
+from .inputs import DataOptions, ModelOptions, load_inputs
 from .errors import GradscopeError
-from .model import ALIASES, DEFAULT_MODEL, DTYPES, fit_max_length, load_model
+from .model import ALIASES, DEFAULT_MODEL
 from .rewardbench import CATEGORIES, EXAMPLE_COUNTS, SECTIONS, SUBSET_TO_CATEGORY
 from .scoring import score_pairs
 
@@ -96,31 +96,20 @@ def _pct(v: float) -> str:
 
 
 @dataclass
-class EvaluateConfig:
-    """Options of `gradscope evaluate`."""
+class EvaluateConfig(ModelOptions, DataOptions):
+    """Options of `gradscope evaluate` (model and data options: the shared ones of :mod:`gradscope.inputs`)."""
 
     model: list[str] | None = opt(None, "Model(s) to score; repeat --model for several (rows of results.md). "
                                   "Aliases: " + ", ".join(sorted(ALIASES)) + "; local folders, gradscope "
                                   f"checkpoints, .gguf files or hub ids. Default: {DEFAULT_MODEL}.",
                                   action="append")
-    data: str = opt("demo", "Preference pairs: 'demo', a local file (e.g. ../shared/data/rewardbench-v1.jsonl) "
-                    "or a hub dataset id.")
     out: str = opt("results/evaluate", "Output directory (scores.parquet, results.json, results.md; one "
                    "sub-directory per model when several are given).")
-    dtype: str = opt("float32", "Model dtype.", choices=sorted(DTYPES))
     batch_size: int = opt(16, "Pairs per forward batch (results do not depend on it).")
-    max_length: int = opt(1024, "Tokens kept per side; a longer side loses its oldest prompt tokens, never the end of "
-                          "the response.")
-    limit: int | None = opt(None, "Keep only N pairs; see --sample.")
-    sample: str = opt("first", "Which N pairs --limit keeps.", choices=list(SAMPLE_MODES))
-    split: str = opt("train", "Split, for hub dataset ids.")
-    chat_template: bool = opt(True, "Apply the tokenizer's chat template when it has one.")
     padding_side: str = opt("right", "Pad side (results do not depend on it).", choices=["right", "left"])
     feature_cache: bool = opt(True, "Read each backbone's pooled states from the on-disk feature cache (computing "
                               "and storing those missing), so that heads trained on one frozen backbone "
                               "(--train-layers 0) are scored without running it again.")
-    seed: int = opt(0, "Seed of a fresh head (models without a trained head).")
-    trust_remote_code: bool = opt(False, "Allow model code from the model's repository.")
     progress: bool = opt(True, "Show a progress bar.")
 
     def models(self) -> list[str]:
@@ -134,10 +123,8 @@ def model_label(spec: str) -> str:
 
 def evaluate_model(spec: str, cfg: EvaluateConfig, pairs, out: Path) -> dict:
     t0 = time.perf_counter()
-    loaded = load_model(spec, dtype=cfg.dtype, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
-    encoder = PairEncoder(loaded.tokenizer, max_length=fit_max_length(loaded.model, cfg.max_length),
-                          chat_template=cfg.chat_template)
-    encoded = [encoder.encode(p) for p in pairs]
+    inputs = load_inputs(cfg, pairs=pairs, source=spec)
+    loaded, encoded = inputs.loaded, inputs.encoded
     rewards = score_pairs(loaded, encoded, batch_size=cfg.batch_size, padding_side=cfg.padding_side,
                           progress=cfg.progress, desc=f"evaluate {model_label(spec)}", feature_cache=cfg.feature_cache)
     scores = scores_table(rewards)
@@ -157,7 +144,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, dict]:
     """Score every model on the data; write per-model files and one results.md."""
     if cfg.batch_size < 1 or cfg.max_length < 1:
         raise GradscopeError("--batch-size and --max-length must be at least 1")
-    pairs = load_pairs(cfg.data, split=cfg.split, fields=FieldNames(), limit=cfg.limit, sample=cfg.sample)
+    pairs = cfg.load_pairs()
     models = cfg.models()
     labels = [model_label(m) for m in models]
     if len(set(labels)) != len(labels):

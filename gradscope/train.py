@@ -35,14 +35,13 @@ import pandas as pd
 import torch
 
 from . import tables as T
-from .config import opt, versions
+from .config import opt, reopt, versions
 from .cache import FeatureStore, backbone_key, head_forward
-from .data import (SAMPLE_MODES, EncodedPair, FieldNames, Pair, PairEncoder, collate, load_pairs, split_by_prompt,
-                   stack_chosen_rejected)
+from .data import EncodedPair, Pair, collate, split_by_prompt, stack_chosen_rejected
 from .errors import DataError, GradscopeError
 from .losses import LOSSES, PairFeatures, build_loss, effective_sample_size
-from .model import (ALIASES, CHECKPOINT_META, DEFAULT_MODEL, RewardModel, fit_max_length, load_model, pad_token_id,
-                    save_head_checkpoint, save_reward_model)
+from .inputs import DataOptions, ModelOptions, encode_pairs, load_inputs
+from .model import CHECKPOINT_META, RewardModel, pad_token_id, save_head_checkpoint, save_reward_model
 
 TRAINER_STATE = "trainer_state"
 DYNAMICS_FILE = "dynamics.parquet"
@@ -51,13 +50,10 @@ QUANTILES = {"min": 0.0, "p10": 0.1, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p90"
 
 
 @dataclass
-class TrainConfig:
-    """Options of `gradscope train` (defaults follow the paper's Table 3 where it sets them)."""
+class TrainConfig(ModelOptions, DataOptions):
+    """Options of `gradscope train` (defaults follow the paper's Table 3 where it sets them; model and
+    data options: the shared ones of :mod:`gradscope.inputs`, the seed also orders the data)."""
 
-    model: str = opt(DEFAULT_MODEL, "Backbone to train: alias (" + ", ".join(sorted(ALIASES)) + "), local "
-                     "folder, gradscope checkpoint, .gguf or hub id.")
-    data: str = opt("demo", "Training pairs: 'demo', a local file (e.g. ../shared/data/train-hh-rlhf.jsonl), a "
-                    "hub dataset id, or several of them joined by commas (--limit then applies to each).")
     out: str = opt("results/train", "Output directory: final checkpoint, checkpoint-STEP/, dynamics.parquet.")
     loss: str = opt("normbt", "Loss: " + ", ".join(sorted(LOSSES)) + ".", choices=sorted(LOSSES))
     train_layers: str = opt("all", "What trains: 'all' (full fine-tuning) or 0 (the reward head alone, on the "
@@ -74,8 +70,7 @@ class TrainConfig:
     epochs: int = opt(1, "Passes over the data (when --max-steps is not given).")
     max_steps: int | None = opt(None, "Stop after this many optimizer steps.")
     warmup_ratio: float = opt(0.03, "Linear warm-up, as a fraction of the steps; then cosine decay.")
-    max_length: int = opt(512, "Tokens kept per side; a longer side loses its oldest prompt tokens, never the end of "
-                          "the response.")
+    max_length: int = reopt(DataOptions, "max_length", 512)
     max_grad_norm: float | None = opt(None, "Global gradient clipping (off by default).")
     head_layernorm: bool = opt(False, "A LayerNorm before the reward head.")
     label_smoothing: float | None = opt(None, "α of the label_smooth losses (default 0.1); refused by the others.")
@@ -83,24 +78,18 @@ class TrainConfig:
                                      "losses only.")
     ema_beta: float | None = opt(None, "β of the EMA of the batch-mean distance (default 0.9); EMA-weighted losses "
                                  "only.")
-    dtype: str = opt("auto", "Training dtype: auto (bf16 on GPUs that have it, else float32), float32, bfloat16.",
-                     choices=["auto", "float32", "bfloat16"])
-    limit: int | None = opt(None, "Train on N pairs only; see --sample.")
-    sample: str = opt("first", "Which N pairs --limit keeps.", choices=list(SAMPLE_MODES))
-    split: str = opt("train", "Split, for hub dataset ids.")
-    chat_template: bool = opt(True, "Apply the tokenizer's chat template when it has one.")
+    mixed_precision: str = opt("auto", "Autocast: auto (bf16 on GPUs that have it, else none), no, bf16 (--dtype is "
+                               "the weights' dtype).", choices=["auto", "no", "bf16"])
     val_fraction: float = opt(0.0, "Hold out this fraction of the pairs for validation, split by prompt (pairs that "
                               "share a prompt land on the same side; a pair's side depends on its prompt alone).")
     val_data: str | None = opt(None, "Validation pairs from this source instead of --val-fraction (all its rows).")
     eval_steps: int | None = opt(None, "Validate every N steps (always at the end when there are validation "
                                  "pairs): val_loss (BT) and val_accuracy in dynamics.parquet, the last in gradscope.json.")
-    seed: int = opt(0, "Seed of the head, the data order and every RNG.")
     save_steps: int | None = opt(None, "Write OUT/checkpoint-STEP every N steps (resumable).")
     resume: str | None = opt(None, "Resume from a checkpoint-STEP folder (or 'last': the newest in --out).")
     log_pairs: bool = opt(False, "Also write pairs_log.parquet: step, pair_id, d, ‖Δh‖, weight per pair.")
     report_to: str = opt("none", "Scalars to 'tensorboard' or 'wandb' (through Accelerate trackers).",
                          choices=["none", "tensorboard", "wandb"])
-    trust_remote_code: bool = opt(False, "Allow model code from the model's repository.")
     progress: bool = opt(True, "Show a progress bar with loss and accuracy.")
 
     def validate(self) -> None:
@@ -245,7 +234,8 @@ class Trainer:
         _check_tracker(cfg.report_to)
         self.cfg, self.log, self.t0 = cfg, log, time.perf_counter()
         cuda = torch.cuda.is_available()
-        mixed = "bf16" if cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and cuda and torch.cuda.is_bf16_supported()) else "no"
+        mixed = "bf16" if cfg.mixed_precision == "bf16" or (
+            cfg.mixed_precision == "auto" and cuda and torch.cuda.is_bf16_supported() and cfg.dtype == "float32") else "no"
         self.trackers = [] if cfg.report_to == "none" else [cfg.report_to]
         self.acc = acc = Accelerator(cpu=not cuda, mixed_precision=mixed, log_with=self.trackers or None,
                                      project_dir=cfg.out if self.trackers else None)
@@ -258,15 +248,13 @@ class Trainer:
 
         # data first (a bad file fails before any model loads), then the model: from the checkpoint when resuming
         pairs, val_pairs = self._pairs()
-        self.loaded = load_model(str(self.resume_dir or cfg.model), dtype="float32", seed=cfg.seed,
-                                 trust_remote_code=cfg.trust_remote_code)
+        inputs = load_inputs(cfg, pairs=pairs, source=str(self.resume_dir) if self.resume_dir else None, log=log)
+        self.loaded, self.max_length = inputs.loaded, inputs.max_length
         self.model = model = self.loaded.model
         if cfg.head_layernorm and model.head_norm is None:
-            model.head_norm = torch.nn.LayerNorm(model.backbone.config.hidden_size)
-        self.encoder = PairEncoder(self.loaded.tokenizer, max_length=fit_max_length(model, cfg.max_length),
-                                   chat_template=cfg.chat_template)
-        self.encoded, self.skipped_identical = self._encode(pairs, "training")
-        self.val_encoded, _ = self._encode(val_pairs, "validation") if val_pairs else ([], 0)
+            model.head_norm = torch.nn.LayerNorm(model.backbone.config.hidden_size).to(model.head.weight.dtype)
+        self.encoded, self.skipped_identical = self._drop_identical(inputs.encoded, "training")
+        self.val_encoded, _ = self._drop_identical(encode_pairs(self.loaded, val_pairs, cfg)[0], "validation")
         self.pad = pad_token_id(self.loaded.tokenizer)
 
         self.head_only = cfg.train_layers == "0"
@@ -310,9 +298,9 @@ class Trainer:
 
     def _pairs(self) -> tuple[list[Pair], list[Pair]]:
         cfg = self.cfg
-        pairs = load_pairs(cfg.data, split=cfg.split, fields=FieldNames(), limit=cfg.limit, sample=cfg.sample)
+        pairs = cfg.load_pairs()
         if cfg.val_data:
-            val = load_pairs(cfg.val_data, split=cfg.split, fields=FieldNames())
+            val = cfg.load_pairs(cfg.val_data, limit=False)
         elif cfg.val_fraction > 0:
             pairs, val = split_by_prompt(pairs, cfg.val_fraction)
         else:
@@ -327,18 +315,16 @@ class Trainer:
                      f"training: {len(pairs)}")
         return pairs, val
 
-    def _encode(self, pairs: list[Pair], what: str) -> tuple[list[EncodedPair], int]:
-        # a pair whose sides are the same tokens (often: a long shared prompt cut at --max-length) has
-        # d = 0 and ∇d = 0 under every model, so no loss here can learn from it; kept, it would only
-        # add a constant to the loss (w·log 2, with w = μ_t/ε under NormBT) and pull μ_t towards 0
-        encoded = [self.encoder.encode(p) for p in pairs]
+    def _drop_identical(self, encoded: list[EncodedPair], what: str) -> tuple[list[EncodedPair], int]:
+        # a pair whose sides are the same tokens (after truncation) has d = 0 and ∇d = 0 under every
+        # model, so no loss here can learn from it; kept, it would only add a constant to the loss
+        # (w·log 2, with w = μ_t/ε under NormBT) and pull μ_t towards 0
         skipped = sum(e.identical for e in encoded)
         if skipped:
-            encoded = [e for e in encoded if not e.identical]
             if self.acc.is_main_process:
-                self.log(f"skipped {skipped} of {len(pairs)} {what} pairs whose two sides are the same tokens after "
-                         f"truncation to {self.encoder.max_length} tokens (no gradient under any loss; raise "
-                         "--max-length to keep them)")
+                self.log(f"skipped {skipped} of {len(encoded)} {what} pairs whose two sides are the same tokens "
+                         f"after truncation to {self.max_length} tokens (no gradient under any loss)")
+            encoded = [e for e in encoded if not e.identical]
         return encoded, skipped
 
     def _resume(self) -> None:
@@ -375,9 +361,10 @@ class Trainer:
             ids, mask = collate([encoded[i] for i in idx], pad_id=self.pad)  # (B, 2, T)
             o = net(stack_chosen_rejected(ids).to(dev), stack_chosen_rejected(mask).to(dev))
         b = len(idx)
-        d = (o.rewards[:b] - o.rewards[b:]).float()
-        feats = PairFeatures(*(x.float() for x in (o.last_hidden[:b], o.last_hidden[b:],
-                                                   o.mean_hidden[:b], o.mean_hidden[b:])))
+        dtype = torch.promote_types(o.rewards.dtype, torch.float32)  # the loss in float32 (float64 if the model is)
+        d = (o.rewards[:b] - o.rewards[b:]).to(dtype)
+        feats = PairFeatures(*(x.to(dtype) for x in (o.last_hidden[:b], o.last_hidden[b:],
+                                                     o.mean_hidden[:b], o.mean_hidden[b:])))
         return d, feats
 
     def train_step(self, step: int) -> dict:
@@ -385,7 +372,8 @@ class Trainer:
         losses, ds, dists, ws = [], [], [], []
         for micro in range(cfg.grad_accum):
             mine, everyone = self.micro_batch(step, micro)
-            margin = (torch.tensor([self.encoded[i].pair.margin for i in mine], dtype=torch.float32, device=acc.device)
+            margin = (torch.tensor([self.encoded[i].pair.margin for i in mine], dtype=self.model.head.weight.dtype,
+                                   device=acc.device)
                       if self.loss_fn.needs_margin else None)
             sync = acc.no_sync(self.net) if micro < cfg.grad_accum - 1 else nullcontext()
             with sync, acc.autocast():

@@ -141,19 +141,21 @@ def test_head_only_training_cached_equals_uncached(tiny_model_dir, tmp_path):
     from gradscope.train import run_train
 
     messages = []
-    run_train(train_cfg(tiny_model_dir, "demo", tmp_path / "cached", val_fraction=0.25), log=messages.append)
+    run_train(train_cfg(tiny_model_dir, "demo", tmp_path / "cached", val_fraction=0.25, dtype="float64"),
+              log=messages.append)
     assert any(m.startswith("feature cache") for m in messages)
-    run_train(train_cfg(tiny_model_dir, "demo", tmp_path / "plain", val_fraction=0.25, feature_cache=False),
-              log=lambda m: None)
+    run_train(train_cfg(tiny_model_dir, "demo", tmp_path / "plain", val_fraction=0.25, dtype="float64",
+                        feature_cache=False), log=lambda m: None)
     a, b = (pd.read_parquet(tmp_path / d / "dynamics.parquet") for d in ("cached", "plain"))
-    for col in ("loss", "mu", "dist_mean", "accuracy", "val_loss", "val_accuracy"):
-        assert a[col].to_numpy() == pytest.approx(b[col].to_numpy(), rel=1e-5, abs=1e-7, nan_ok=True), col
+    for col in ("loss", "mu", "dist_mean", "weight_max", "accuracy", "val_loss", "val_accuracy"):
+        assert a[col].to_numpy() == pytest.approx(b[col].to_numpy(), rel=1e-10, abs=1e-12, nan_ok=True), col
     ha, hb = (load_file(tmp_path / d / "head.safetensors") for d in ("cached", "plain"))
     for k in ha:
-        torch.testing.assert_close(ha[k], hb[k], rtol=1e-5, atol=1e-7)
+        assert ha[k].dtype == torch.float64
+        torch.testing.assert_close(ha[k], hb[k], rtol=1e-10, atol=1e-12)
     # a second cached run (other seed, other loss) computes nothing
     messages.clear()
-    run_train(train_cfg(tiny_model_dir, "demo", tmp_path / "again", loss="bt", seed=3, val_fraction=0.25),
+    run_train(train_cfg(tiny_model_dir, "demo", tmp_path / "again", loss="bt", seed=3, val_fraction=0.25, dtype="float64"),
               log=messages.append)
     assert not any(m.startswith("feature cache") for m in messages)
 

@@ -1,0 +1,97 @@
+"""The input stage every command shares: data and model options (help written once) -> loaded inputs.
+
+Each command's config inherits :class:`ModelOptions` and :class:`DataOptions`, so an input option is
+declared once and means the same in correlate, train, evaluate and compare; the CLI is generated
+from the fields. :func:`load_inputs` turns the options into the loaded model, the validated pairs,
+the encoded pairs and the max length actually used; commands never load or encode on their own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .config import opt
+from .data import SAMPLE_MODES, EncodedPair, FieldNames, Pair, PairEncoder, load_pairs
+from .model import ALIASES, DEFAULT_MODEL, DTYPES, LoadedModel, fit_max_length, load_model
+
+
+@dataclass
+class ModelOptions:
+    """Which model, in which dtype, and how far to trust it."""
+
+    model: str = opt(DEFAULT_MODEL, "Model: an alias (" + ", ".join(f"{k}: {v.description}" for k, v in
+                     ALIASES.items()) + "), a local HF folder or gradscope checkpoint, a .gguf file, or a hub id.")
+    dtype: str = opt("float32", "Model dtype for the computation.", choices=sorted(DTYPES))
+    seed: int = opt(0, "Seed of a fresh reward head (a checkpoint's trained head is kept) and of every RNG.")
+    trust_remote_code: bool = opt(False, "Allow model code from the model's repository (off: untrusted code never "
+                                  "runs).")
+    revision: str | None = opt(None, "Hub revision of the model.")
+
+    def load_model(self, source: str | None = None, dtype: str | None = None) -> LoadedModel:
+        return load_model(source or self.model, dtype=dtype or self.dtype, seed=self.seed,
+                          trust_remote_code=self.trust_remote_code, revision=self.revision)
+
+
+@dataclass
+class DataOptions:
+    """Which pairs, and how they become tokens."""
+
+    data: str = opt("demo", "Preference pairs: 'demo' (built-in, 64 pairs), a local .jsonl/.json/.parquet/.csv file, "
+                    "a hub dataset id, or several joined by commas (--limit then applies to each).")
+    split: str = opt("train", "Split, for hub dataset ids.")
+    limit: int | None = opt(None, "Keep only N pairs (per source); see --sample.")
+    sample: str = opt("first", "Which N pairs --limit keeps: the first N, or N spread evenly over the subsets of "
+                      "every category.", choices=list(SAMPLE_MODES))
+    max_length: int = opt(1024, "Tokens kept per side (prompt + response, capped by the model's positions); a longer "
+                          "side loses its oldest prompt tokens, never the end of the response, and is flagged.")
+    chat_template: bool = opt(True, "Apply the tokenizer's chat template when it has one.")
+    prompt_field: str = opt("prompt", "Row field holding the prompt (string or list of messages).")
+    chosen_field: str = opt("chosen", "Row field holding the chosen response.")
+    rejected_field: str = opt("rejected", "Row field holding the rejected response.")
+    id_field: str = opt("id", "Row field holding the pair id (default: the row index).")
+    subset_field: str = opt("subset", "Row field holding the subset name.")
+    category_field: str = opt("category", "Row field holding the category (default: from the subset via "
+                              "RewardBench's sections, else 'all').")
+    margin_field: str = opt("margin", "Row field holding the pair's margin (the margin losses).")
+
+    def fields(self) -> FieldNames:
+        return FieldNames(prompt=self.prompt_field, chosen=self.chosen_field, rejected=self.rejected_field,
+                          id=self.id_field, subset=self.subset_field, category=self.category_field,
+                          margin=self.margin_field)
+
+    def load_pairs(self, source: str | None = None, limit: int | None | bool = True) -> list[Pair]:
+        """The pairs of ``source`` (default ``data``), with ``limit``/``sample`` unless ``limit=False``."""
+        n = self.limit if limit is True else (None if limit is False else limit)
+        return load_pairs(source or self.data, split=self.split, fields=self.fields(), limit=n, sample=self.sample)
+
+
+def option_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+@dataclass
+class Inputs:
+    loaded: LoadedModel
+    pairs: list[Pair]
+    encoded: list[EncodedPair]
+    max_length: int  # tokens per side actually used (--max-length capped by the model's positions)
+
+
+def encode_pairs(loaded: LoadedModel, pairs: list[Pair], opts: DataOptions, log=None) -> tuple[list[EncodedPair], int]:
+    """Encode ``pairs`` for ``loaded`` by the data options; return them and the max length used."""
+    max_len = fit_max_length(loaded.model, opts.max_length)
+    if max_len < opts.max_length and log is not None:
+        log(f"note: --max-length {opts.max_length} exceeds the model's {max_len} positions; using {max_len}")
+    encoder = PairEncoder(loaded.tokenizer, max_length=max_len, chat_template=opts.chat_template)
+    return [encoder.encode(p) for p in pairs], max_len
+
+
+def load_inputs(opts, *, pairs: list[Pair] | None = None, source: str | None = None, dtype: str | None = None,
+                log=None) -> Inputs:
+    """A command's inputs from its config (``ModelOptions`` + ``DataOptions``): the data first, so a
+    bad file fails before a model loads; then the model (``source`` overrides ``opts.model``)."""
+    pairs = opts.load_pairs() if pairs is None else pairs
+    loaded = opts.load_model(source, dtype)
+    encoded, max_len = encode_pairs(loaded, pairs, opts, log=log)
+    return Inputs(loaded, pairs, encoded, max_len)
