@@ -51,8 +51,10 @@ SCALES = {
                   train=dict(batch_size=8, grad_accum=1, epochs=4, max_length=128, val_fraction=0.25),
                   eval_max_length=128),
     # SmolLM2-135M, its reward head on the frozen backbone: one cached forward, then every run is seconds
+    # a linear head on 576 frozen features over ~1,600 pairs overfits without weight decay: the grid varies it too
     "small": dict(model="smollm2", train_data=TRAIN_SMALL, train_limit=1000, eval_data=str(SHARED / "rewardbench-v1.jsonl"),
-                  eval_limit=1000, seeds=5, grid=BT_GRID, one_seed=("label_smooth", "margin", "margin_out"),
+                  eval_limit=1000, seeds=5, grid=[(lr, wd) for lr in BT_GRID for wd in (0.0, 0.1, 1.0)],
+                  one_seed=("label_smooth", "margin", "margin_out"),
                   train_layers="0", train=dict(batch_size=16, grad_accum=1, epochs=10, max_length=512, val_fraction=0.2,
                                                eval_steps=100), eval_max_length=512),
     "paper": dict(model="google/gemma-2b-it", train_data="Skywork/Skywork-Reward-Preference-80K-v0.2", train_limit=None,
@@ -97,16 +99,18 @@ def main(argv=None) -> Path:
         if loss.startswith("margin") and not has_margin:
             skipped[loss] = "the training data has no margin field"
             continue
-        chosen[loss], rows = sweep(dataclasses.replace(base, loss=loss), centred_grid(chosen["bt"]), out / "runs")
+        lr_bt, wd_bt = chosen["bt"]
+        chosen[loss], rows = sweep(dataclasses.replace(base, loss=loss), [(lr, wd_bt) for lr in centred_grid(lr_bt)],
+                                   out / "runs")
         sweep_rows += rows
     write_table(pd.DataFrame(sweep_rows), out / "sweep.csv")
 
     # 3. seeds at the chosen rates; 4. evaluation of every final run
     finals: dict[str, list[Path]] = {}
-    for loss, lr in chosen.items():
+    for loss, (lr, wd) in chosen.items():
         for seed in range(n_seeds if loss in MAIN else 1):
-            run = out / "runs" / run_name(loss, lr, seed)
-            train_once(dataclasses.replace(base, loss=loss, lr=lr, seed=seed, out=str(run)))
+            run = out / "runs" / run_name(loss, lr, seed, wd)
+            train_once(dataclasses.replace(base, loss=loss, lr=lr, weight_decay=wd, seed=seed, out=str(run)))
             finals.setdefault(loss, []).append(run)
     evals = {loss: [evaluate(run, s, out, progress) for run in runs] for loss, runs in finals.items()}
 
@@ -124,7 +128,8 @@ def main(argv=None) -> Path:
                     + sum(json.loads((e / RESULTS_FILE).read_text())["seconds"] for es in evals.values() for e in es))
     write_table(runs, out / "runs.csv")
     study = {"scale": args.scale, "model": model, "train_data": s["train_data"], "train_limit": s["train_limit"],
-             "eval_data": s["eval_data"], "eval_limit": s["eval_limit"], "seeds": n_seeds, "chosen_lr": chosen,
+             "eval_data": s["eval_data"], "eval_limit": s["eval_limit"], "seeds": n_seeds,
+             "chosen": {k: {"lr": lr, "weight_decay": wd} for k, (lr, wd) in chosen.items()},
              "skipped_losses": skipped, "caches": cache_info, "seconds_runs": round(seconds_runs, 1),
              "n_training_runs": len(run_dirs), "seconds_this_sitting": round(time.perf_counter() - t0, 1), "n_eval_pairs": cmp["n_pairs"],
              "n_disagreements_seed0": cmp["n_disagreements"], "by_region_seed0": cmp["by_region"],
@@ -197,7 +202,8 @@ def runs_table(finals: dict[str, list[Path]], evals: dict[str, list[Path]]) -> p
             meta = json.loads((run / "gradscope.json").read_text())
             res = json.loads((ev / RESULTS_FILE).read_text())
             v = meta["validation"]
-            rows.append({"loss": loss, "lr": meta["config"]["lr"], "seed": meta["config"]["seed"],
+            rows.append({"loss": loss, "lr": meta["config"]["lr"], "weight_decay": meta["config"]["weight_decay"],
+                         "seed": meta["config"]["seed"],
                          "val_n": v["n"], "val_accuracy": v["accuracy"], "val_ci95_low": v["accuracy_ci95"][0],
                          "val_ci95_high": v["accuracy_ci95"][1], "eval_n": res["n_pairs"],
                          "eval_accuracy": res["accuracy"], "average": res["average"],
@@ -228,17 +234,19 @@ def report(out: Path, study: dict, runs: pd.DataFrame, sweep_rows: pd.DataFrame,
                   f"built in {c['seconds']:.0f} s ({c['train']['computed_now'] + c['eval']['computed_now']} computed in "
                   f"that sitting); then {study['n_training_runs']} training runs and their evaluations: "
                   f"{study['seconds_runs']:.0f} s (the sum of their recorded times).", ""]
-    lines += ["## Learning rates (validation pair accuracy, seed 0)", "", "| loss | lr | val accuracy [95% CI] | val BT loss | chosen |",
-              "|---|---|---|---|---|"]
-    for r in sweep_rows.itertuples():
-        lines.append(f"| {r.loss} | {r.lr:g} | {pct(r.val_accuracy)} [{pct(r.val_ci95_low)}, {pct(r.val_ci95_high)}] "
-                     f"| {r.val_loss:.4f} | {'**yes**' if r.chosen else ''} |")
+    lines += ["## Learning rates (validation pair accuracy, seed 0)", "",
+              "| loss | lr | weight decay | val accuracy [95% CI] | val BT loss | chosen |", "|---|---|---|---|---|---|"]
+    for r in sweep_rows.to_dict("records"):
+        lines.append(f"| {r['loss']} | {r['lr']:g} | {r['weight_decay']:g} | {pct(r['val_accuracy'])} "
+                     f"[{pct(r['val_ci95_low'])}, {pct(r['val_ci95_high'])}] | {r['val_loss']:.4f} | "
+                     f"{'**yes**' if r['chosen'] else ''} |")
     for loss, why in study["skipped_losses"].items():
         lines.append(f"\n`{loss}` not run: {why}.")
-    lines += ["", "## Every final run", "", "| loss | lr | seed | val accuracy [95% CI] | " + " | ".join(names) + " |",
-              "|---|---|---|---|" + "---|" * len(names)]
+    lines += ["", "## Every final run", "", "| loss | lr | weight decay | seed | val accuracy [95% CI] | "
+              + " | ".join(names) + " |", "|---|---|---|---|---|" + "---|" * len(names)]
     for r in runs.to_dict("records"):
-        lines.append(f"| {r['loss']} | {r['lr']:g} | {r['seed']} | {pct(r['val_accuracy'])} [{pct(r['val_ci95_low'])}, "
+        lines.append(f"| {r['loss']} | {r['lr']:g} | {r['weight_decay']:g} | {r['seed']} | {pct(r['val_accuracy'])} "
+                     f"[{pct(r['val_ci95_low'])}, "
                      f"{pct(r['val_ci95_high'])}] | " + " | ".join(pct(r[k]) for k in SECTIONS) + " |")
     lines += ["", "## Mean ± standard error over seeds (Table 1 / Table 4 layout)", "",
               "| loss | runs | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]

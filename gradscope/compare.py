@@ -125,21 +125,28 @@ def paired_bootstrap_diff(a: pd.DataFrame, b: pd.DataFrame, n_boot: int = 2000, 
     """Accuracy of B minus A, overall and per value of ``by`` (a column of ``a``: category, or region),
     with a paired percentile-bootstrap 95% interval (pairs are resampled together, so both models
     see the same resample). ``correct`` may be a fraction of seeds (:func:`mean_correct`)."""
+    from scipy import stats
+
     m = a[[T.PAIR_ID, by, T.CORRECT]].merge(b[[T.PAIR_ID, T.CORRECT]], on=T.PAIR_ID, suffixes=("_a", "_b"))
-    rng = np.random.default_rng(seed)
     out = {}
     for name, g in [("overall", m)] + list(m.groupby(by, sort=True)):
         ca, cb = g["correct_a"].to_numpy(float), g["correct_b"].to_numpy(float)
         n = len(g)
         diff = float(cb.mean() - ca.mean()) if n else math.nan
         ci = [math.nan, math.nan]
-        if n >= 2 and n_boot > 0:
-            idx = rng.integers(0, n, size=(n_boot, n))
-            boots = cb[idx].mean(1) - ca[idx].mean(1)
-            ci = [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))]
+        if n >= 2 and n_boot > 0 and np.ptp(cb - ca) > 0:  # a constant difference has no interval to draw
+            res = stats.bootstrap((ca, cb), _mean_diff, paired=True, vectorized=True, n_resamples=n_boot,
+                                  confidence_level=0.95, method="percentile", random_state=np.random.default_rng(seed))
+            ci = [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+        elif n >= 2 and n_boot > 0:
+            ci = [diff, diff]
         out[name] = {"accuracy_a": float(ca.mean()) if n else math.nan, "accuracy_b": float(cb.mean()) if n else math.nan,
                      "diff_b_minus_a": diff, "diff_ci95": ci, "n": int(n)}
     return out
+
+
+def _mean_diff(a, b, axis=-1):
+    return b.mean(axis=axis) - a.mean(axis=axis)
 
 
 def seed_table(runs: list[pd.DataFrame]) -> dict:

@@ -45,12 +45,26 @@ def test_sweep_picks_the_planted_validation_winner_without_looking_at_the_test_s
     monkeypatch.setattr(gradscope.scoring, "score_pairs", trip)
     base = TrainConfig(loss="bt", val_fraction=0.2, progress=False)
     chosen, rows = sweep(base, (1e-3, 3e-3, 1e-2), tmp_path, log=lambda m: None)
-    assert chosen == 3e-3 and [r["chosen"] for r in rows] == [False, True, False]
+    assert chosen == (3e-3, 0.0) and [r["chosen"] for r in rows] == [False, True, False]
     assert calls == [1e-3, 3e-3, 1e-2]
     # a second sweep over the same folder redoes nothing
     kept = []
-    assert sweep(base, (1e-3, 3e-3, 1e-2), tmp_path, log=kept.append)[0] == 3e-3
+    assert sweep(base, (1e-3, 3e-3, 1e-2), tmp_path, log=kept.append)[0] == (3e-3, 0.0)
     assert calls == [1e-3, 3e-3, 1e-2] and len(kept) == 3
+
+
+def test_a_grid_of_rates_and_weight_decays(tmp_path, monkeypatch):
+    val = {(1e-3, 0.0): v(0.6, 0.6), (1e-3, 0.1): v(0.7, 0.6), (1e-2, 0.1): v(0.65, 0.5)}
+
+    def fake_train(cfg, log=print):
+        Path(cfg.out).mkdir(parents=True)
+        meta = {"validation": val[(cfg.lr, cfg.weight_decay)]}
+        (Path(cfg.out) / "gradscope.json").write_text(json.dumps(meta))
+        return meta
+
+    monkeypatch.setattr(sweep_mod, "run_train", fake_train)
+    chosen, rows = sweep(TrainConfig(loss="normbt", val_fraction=0.2), list(val), tmp_path, log=lambda m: None)
+    assert chosen == (1e-3, 0.1) and (tmp_path / "normbt-lr0.001-wd0.1-s0").is_dir()
 
 
 def test_sweep_needs_a_validation_split(tmp_path):
