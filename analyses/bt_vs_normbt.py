@@ -118,6 +118,7 @@ def main(argv=None) -> Path:
     cmp = run_compare(CompareConfig(a=",".join(str(e) for e in evals["bt"]), b=",".join(str(e) for e in evals["normbt"]),
                                     data=s["eval_data"], model=model, out=str(out / "compare"), bins=9,
                                     label_a="BT", label_b="NormBT", max_length=s["eval_max_length"], progress=progress))
+    distances = base_distances(base, s, out)
     figs = {"fig4": fig4(out / "compare" / "compare.json", out / "figures" / "fig4"),
             "fig9": fig9({f"{loss} seed {i}": r / "dynamics.parquet" for loss in MAIN for i, r in enumerate(finals[loss])
                           if i < 3}, out / "figures" / "fig9")}
@@ -135,6 +136,7 @@ def main(argv=None) -> Path:
              "n_disagreements_seed0": cmp["n_disagreements"], "by_region_seed0": cmp["by_region"],
              "accuracy_diff_seed_mean": cmp["accuracy_diff_seed_mean"],
              "accuracy_diff_by_region": cmp["accuracy_diff_by_region"], "seed_table": cmp["seeds"],
+             "base_distance_by_category": distance_summary(distances),
              "train_config": dataclasses.asdict(base)}
     write_json(study, out / "study.json")
     report(out, study, runs, pd.DataFrame(sweep_rows), figs, argv)
@@ -169,6 +171,37 @@ def build_caches(base: TrainConfig, s: dict, out: Path, resume: bool) -> dict:
     info["seconds"] = round(time.perf_counter() - t, 1)
     write_json(info, info_file)
     return info
+
+
+def base_distances(base: TrainConfig, s: dict, out: Path) -> pd.DataFrame:
+    """‖h_w - h_l‖ of every evaluation pair under the base model (Figure 2's right panel), from the cache."""
+    path = out / "base_distances.parquet"
+    if path.exists():
+        return pd.read_parquet(path)
+    from gradscope.inputs import load_inputs
+    from gradscope.scoring import score_pairs
+    from gradscope.tables import write_parquet
+
+    opts = dataclasses.replace(base, data=s["eval_data"], limit=s["eval_limit"], max_length=s["eval_max_length"])
+    inputs = load_inputs(opts)
+    df = score_pairs(inputs.loaded, inputs.encoded, feature_cache=True)[["pair_id", "subset", "category", "proxy_l2"]]
+    write_parquet(df, path)
+    return df
+
+
+def distance_summary(df: pd.DataFrame) -> dict:
+    """Per category: n, mean and median distance, and a percentile-bootstrap 95% interval of the mean."""
+    import numpy as np
+    from scipy import stats
+
+    out = {}
+    for cat, g in df.groupby("category", sort=True):
+        x = g["proxy_l2"].to_numpy(float)
+        ci = stats.bootstrap((x,), np.mean, n_resamples=2000, method="percentile",
+                             random_state=np.random.default_rng(0)).confidence_interval if len(x) > 2 else None
+        out[cat] = {"n": int(len(x)), "mean": float(x.mean()), "median": float(np.median(x)),
+                    "mean_ci95": [float(ci.low), float(ci.high)] if ci else [math.nan, math.nan]}
+    return out
 
 
 def data_has_margins(cfg: TrainConfig) -> bool:
@@ -262,6 +295,10 @@ def report(out: Path, study: dict, runs: pd.DataFrame, sweep_rows: pd.DataFrame,
               "bootstrap 95% interval over pairs)", "", "| group | n | NormBT − BT [95% CI] |", "|---|---|---|"]
     lines += [f"| {k} | {v['n']} | {ci(v)} |" for k, v in d.items()]
     lines += [f"| {k} distance third | {v['n']} | {ci(v)} |" for k, v in r.items() if k != "overall"]
+    lines += ["", "## Base-model distance ‖h_w − h_l‖ of the evaluation pairs (Figure 2, right)", "",
+              "| category | n | mean [95% CI] | median |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['n']} | {v['mean']:.2f} [{v['mean_ci95'][0]:.2f}, {v['mean_ci95'][1]:.2f}] | {v['median']:.2f} |"
+              for k, v in study["base_distance_by_category"].items()]
     lines += ["", f"Pairs where exactly one of the seed-0 models is right: {study['n_disagreements_seed0']}; by the "
               "base model's distance: " + ", ".join(f"{k}: BT {v['a']} / NormBT {v['b']}"
                                                     for k, v in study["by_region_seed0"].items()), "",
