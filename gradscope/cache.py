@@ -4,13 +4,14 @@ Training only the reward head (``gradscope train --train-layers 0``) needs the b
 for each pair once, not once per step, run, seed, learning rate and loss. The cache stores, per
 pair, the four states the head and the distance proxies read, in the layout ``(4, H)``:
 
-    row 0  h_w       final-layer state of the chosen side at its last real token (the head's input)
+    row 0  h_w       the chosen side's final-layer state pooled as the model pools (the head's input:
+                     the last real token, the mean, or the first token)
     row 1  h_l       the same for the rejected side
     row 2  mean_w    mean of the chosen side's final-layer states over its real tokens
     row 3  mean_l    the same for the rejected side
 
 A store lives in ``cache_dir()/features/<backbone key>/`` (``GRADSCOPE_CACHE`` moves it), where the
-key hashes the backbone's config and weight files, its dtype and the cache format. Pairs are keyed
+key hashes the backbone's config and weight files, its dtype, its pooling and the cache format. Pairs are keyed
 by their token ids (chosen and rejected), so every data option that changes tokens (chat template,
 max length, truncation) changes the key, and a pair computed once serves every subset, limit,
 seed and command that meets it again. Parts are appended atomically every ``part_size`` pairs
@@ -51,8 +52,10 @@ def pair_key(e: EncodedPair) -> str:
 def backbone_key(model: RewardModel, folder: str | os.PathLike | None) -> str:
     """Identity of a frozen backbone: config, weight files (hashed), dtype, cache format."""
     h = hashlib.sha256()
-    h.update(json.dumps({"format": FORMAT_VERSION, "dtype": str(model.head.weight.dtype),
-                         "config": model.backbone.config.to_diff_dict()}, sort_keys=True, default=str).encode())
+    ident = {"format": FORMAT_VERSION, "dtype": str(model.head.weight.dtype), "config": model.backbone.config.to_diff_dict()}
+    if model.pooling != "last":  # (last-token stores keep the key they had before pooling was an option)
+        ident["pooling"] = model.pooling
+    h.update(json.dumps(ident, sort_keys=True, default=str).encode())
     files = sorted(Path(folder).glob("*.safetensors")) if folder is not None and Path(folder).is_dir() else []
     files = [f for f in files if f.name != "head.safetensors"]  # the head is not part of the trunk
     if files:
@@ -93,13 +96,16 @@ def _pair_states_causal(model: RewardModel, c: tuple[int, ...], r: tuple[int, ..
         out = bb(input_ids=ids(c[:p]), use_cache=True)
         cache = out[arg]
         prefix_sum = out.last_hidden_state[0].sum(0)  # (H,)
+        first = out.last_hidden_state[0, 0]  # (H,) the first token's state, shared by both sides
     rows = []
     for side in (c, r):
         kw = {arg: cache, "use_cache": True} if cache is not None else {"use_cache": False}
         h = bb(input_ids=ids(side[p:]), **kw).last_hidden_state[0]  # (n - p, H)
         if cache is not None:
             cache.crop(p - cache.get_seq_length())  # back to the prefix (a negative count: drop that many)
-        rows.append((h[-1], (prefix_sum + h.sum(0)) / len(side)))
+        mean = (prefix_sum + h.sum(0)) / len(side)
+        pooled = {"last": h[-1], "mean": mean, "cls": first if p else h[0]}[model.pooling]
+        rows.append((pooled, mean))
     (hw, mw), (hl, ml) = rows
     return torch.stack([hw, hl, mw, ml])
 

@@ -25,6 +25,9 @@ def export_sequence_classification(checkpoint: str, out: str, check_pairs: int =
     if not model.causal:
         raise GradscopeError(f"export refused: {name} is an encoder; its *ForSequenceClassification pools the "
                              "first token ([CLS]) through a tanh pooler, not the last real token")
+    if model.pooling != "last":
+        raise GradscopeError(f"export refused: {checkpoint} pools by {model.pooling}; *ForSequenceClassification "
+                             "reads the last token")
     pad, eos = tok.pad_token_id, tok.eos_token_id
     if pad is None:
         raise GradscopeError("export refused: the tokenizer has no pad token, so *ForSequenceClassification "

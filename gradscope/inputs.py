@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from .config import opt
 from .data import SAMPLE_MODES, EncodedPair, FieldNames, Pair, PairEncoder, load_pairs
-from .model import ALIASES, DEFAULT_MODEL, DTYPES, LoadedModel, fit_max_length, load_model
+from .model import ALIASES, DEFAULT_MODEL, DTYPES, POOLINGS, LoadedModel, fit_max_length, load_model
 
 
 @dataclass
@@ -27,10 +27,14 @@ class ModelOptions:
     trust_remote_code: bool = opt(False, "Allow model code from the model's repository (off: untrusted code never "
                                   "runs).")
     revision: str | None = opt(None, "Hub revision of the model.")
+    pooling: str | None = opt(None, "What the reward head reads: last (the last real token), mean (over real tokens) "
+                              "or cls (the first token). Default: a checkpoint's own; else last for decoders, and for "
+                              "encoders what they ship (sentence-transformers' 1_Pooling: mean for MiniLM), else cls.",
+                              choices=list(POOLINGS))
 
     def load_model(self, source: str | None = None, dtype: str | None = None) -> LoadedModel:
         return load_model(source or self.model, dtype=dtype or self.dtype, seed=self.seed,
-                          trust_remote_code=self.trust_remote_code, revision=self.revision)
+                          trust_remote_code=self.trust_remote_code, revision=self.revision, pooling=self.pooling)
 
 
 @dataclass

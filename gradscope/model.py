@@ -49,7 +49,8 @@ DEFAULT_MODEL = "smollm2"
 
 class RewardOutput(NamedTuple):
     rewards: torch.Tensor  # (N,)
-    last_hidden: torch.Tensor  # (N, H) final-layer state at the last real token (the head's input)
+    last_hidden: torch.Tensor  # (N, H) the head's input: the final-layer state pooled by the model's pooling
+    # (the last real token unless --pooling says otherwise)
     mean_hidden: torch.Tensor  # (N, H) mean of final-layer states over real tokens
 
 
@@ -75,14 +76,42 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return T - 1 - attention_mask.flip(-1).argmax(-1)
 
 
+def first_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(N, T) -> (N,) index of the first position whose mask is 1 (works for either padding side)."""
+    return attention_mask.argmax(-1)
+
+
+# what the reward head reads: the state at the last real token (decoders: the paper's reward models),
+# the mean over real tokens (sentence-transformers encoders such as MiniLM), or the first token ([CLS])
+POOLINGS = ("last", "mean", "cls")
+
+
+def default_pooling(causal: bool, folder: Path | str | None) -> str:
+    """Decoders: last. Encoders: what the model ships for its sentence embedding (sentence-transformers'
+    ``1_Pooling/config.json``), else cls, what BERT-style classifiers are trained for."""
+    if causal:
+        return "last"
+    config = Path(folder) / "1_Pooling" / "config.json" if isinstance(folder, Path) else None
+    if config is not None and config.exists():
+        modes = json.loads(config.read_text())
+        for key, pooling in (("pooling_mode_mean_tokens", "mean"), ("pooling_mode_cls_token", "cls"),
+                             ("pooling_mode_lasttoken", "last")):
+            if modes.get(key):
+                return pooling
+    return "cls"
+
+
 class RewardModel(nn.Module):
     """Backbone (``AutoModel``) plus a scalar linear head with bias."""
 
     def __init__(self, backbone: nn.Module, causal: bool, head: nn.Linear | None = None, seed: int = 0,
-                 head_norm: bool = False):
+                 head_norm: bool = False, pooling: str | None = None):
         super().__init__()
         self.backbone = backbone
         self.causal = causal
+        self.pooling = pooling or ("last" if causal else "cls")
+        if self.pooling not in POOLINGS:
+            raise ModelError(f"unknown pooling {self.pooling!r}; known: {', '.join(POOLINGS)}")
         hidden = backbone.config.hidden_size
         dtype = next(backbone.parameters()).dtype
         # optional LayerNorm before the head (a trainer option); h is then the normalised state
@@ -111,24 +140,24 @@ class RewardModel(nn.Module):
             kwargs["use_cache"] = False
         return kwargs
 
-    @staticmethod
-    def pool(h: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final-layer states (N, T, H) -> state at the last real token (N, H) and the mean over real
-        tokens (N, H)."""
-        idx = last_token_index(attention_mask)  # (N,)
-        last = torch.gather(h, 1, idx[:, None, None].expand(-1, 1, h.shape[-1])).squeeze(1)  # (N, H)
+    def pool(self, h: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final-layer states (N, T, H) -> the head's input by ``self.pooling`` (N, H) and the mean over
+        real tokens (N, H)."""
         m = attention_mask.to(h.dtype)[..., None]  # (N, T, 1)
         mean = (h * m).sum(1) / m.sum(1).clamp(min=1)  # (N, H)
-        return last, mean
+        if self.pooling == "mean":
+            return mean, mean
+        idx = (last_token_index if self.pooling == "last" else first_token_index)(attention_mask)  # (N,)
+        return torch.gather(h, 1, idx[:, None, None].expand(-1, 1, h.shape[-1])).squeeze(1), mean  # (N, H)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> RewardOutput:
         # input_ids, attention_mask: (N, T)
         h = self.backbone(**self.backbone_inputs(input_ids, attention_mask)).last_hidden_state  # (N, T, H)
-        last, mean = self.pool(h, attention_mask)
+        pooled, mean = self.pool(h, attention_mask)
         if self.head_norm is not None:
-            last = self.head_norm(last)
-        rewards = self.head(last).squeeze(-1)  # (N,)
-        return RewardOutput(rewards, last, mean)
+            pooled = self.head_norm(pooled)
+        rewards = self.head(pooled).squeeze(-1)  # (N,)
+        return RewardOutput(rewards, pooled, mean)
 
 
 def init_head(hidden: int, seed: int, dtype: torch.dtype = torch.float32) -> nn.Linear:
@@ -219,10 +248,12 @@ def load_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
     attn_implementation: str = "sdpa",
+    pooling: str | None = None,
 ) -> LoadedModel:
     """Load ``source``: an alias (``smollm2``, ``minilm``), a gradscope checkpoint, a local HF
     folder or ``.gguf`` file, or a hub id. The head comes from the checkpoint, else is fresh and
-    seeded by ``seed``. The model is returned in eval mode."""
+    seeded by ``seed``. ``pooling`` (last, mean, cls) defaults to a checkpoint's own, else to
+    :func:`default_pooling`. The model is returned in eval mode."""
     from transformers import AutoModel, AutoTokenizer
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
@@ -247,7 +278,7 @@ def load_model(
     if isinstance(folder, Path) and (folder / CHECKPOINT_META).exists():
         meta = json.loads((folder / CHECKPOINT_META).read_text())
         if meta.get("base_model") and not (folder / "config.json").exists():
-            return _load_head_checkpoint(folder, meta, source, dtype=torch_dtype, seed=seed,
+            return _load_head_checkpoint(folder, meta, source, dtype=torch_dtype, seed=seed, pooling=pooling,
                                          trust_remote_code=trust_remote_code, attn_implementation=attn_implementation)
     if isinstance(folder, Path) and "gguf_file" not in kwargs:
         refuse_pickled_weights(folder)
@@ -268,7 +299,8 @@ def load_model(
         backbone.pooler = None  # BERT's [CLS] pooler is not part of the reward path
     backbone.config.use_cache = False
     causal = probe_causal(backbone)
-    model = RewardModel(backbone, causal, seed=seed, head_norm=bool(meta.get("head_layernorm", False)))
+    pooling = _resolve_pooling(pooling, meta, causal, folder, source)
+    model = RewardModel(backbone, causal, seed=seed, head_norm=bool(meta.get("head_layernorm", False)), pooling=pooling)
     if isinstance(folder, Path) and (folder / HEAD_FILE).exists():
         _load_head(model, folder)
     model = model.to(torch_dtype).eval()
@@ -301,12 +333,25 @@ def _load_head(model: RewardModel, folder: Path) -> None:
     model.load_state_dict(state, strict=False)
 
 
-def _load_head_checkpoint(folder: Path, meta: dict, source: str, *, dtype: torch.dtype, **kwargs) -> LoadedModel:
+def _resolve_pooling(requested: str | None, meta: dict, causal: bool, folder, source: str) -> str:
+    trained = meta.get("pooling")
+    if requested and trained and requested != trained:
+        raise ModelError(f"{source}: its head was trained on {trained} pooling; --pooling {requested} would read "
+                         "another state")
+    pooling = requested or trained or default_pooling(causal, folder)
+    if pooling not in POOLINGS:
+        raise ModelError(f"unknown pooling {pooling!r}; known: {', '.join(POOLINGS)}")
+    return pooling
+
+
+def _load_head_checkpoint(folder: Path, meta: dict, source: str, *, dtype: torch.dtype, pooling: str | None,
+                          **kwargs) -> LoadedModel:
     """A head-only checkpoint (``gradscope train --train-layers 0``): its base model, loaded as the
     checkpoint names it and checked against the hash the checkpoint recorded, plus its head."""
     from .cache import backbone_key
 
-    base = load_model(meta["base_model"], dtype="float32", **kwargs)
+    pooling = _resolve_pooling(pooling, meta, True, None, source) if (pooling or meta.get("pooling")) else None
+    base = load_model(meta["base_model"], dtype="float32", pooling=pooling, **kwargs)
     if meta.get("head_layernorm") and base.model.head_norm is None:
         base.model.head_norm = nn.LayerNorm(base.model.backbone.config.hidden_size)
     if meta.get("backbone_key") and backbone_key(base.model, base.path) != meta["backbone_key"]:

@@ -456,7 +456,8 @@ class Trainer:
             if tmp.exists():
                 shutil.rmtree(tmp)
             meta = {"loss": cfg.loss, "loss_state": self.loss_fn.state(), "step": step,
-                    "head_layernorm": self.model.head_norm is not None, "config": dataclasses.asdict(cfg),
+                    "head_layernorm": self.model.head_norm is not None, "pooling": self.model.pooling,
+                    "config": dataclasses.asdict(cfg),
                     "data": cfg.data, "n_pairs": len(self.encoded), "n_val_pairs": len(self.val_encoded),
                     "validation": self.validation if step == self.total_steps else None,
                     "skipped_identical": self.skipped_identical, "data_hash": data_hash(self.encoded),

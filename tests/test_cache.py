@@ -47,10 +47,11 @@ def test_shared_prefix_leaves_a_token_on_each_side():
     assert shared_prefix_length((5,), (5, 6)) == 0
 
 
+@pytest.mark.parametrize("pooling", ["last", "mean", "cls"])
 @pytest.mark.parametrize("kind", KINDS)
 @torch.no_grad()
-def test_cached_states_equal_the_models_forward_float64(kind):
-    model = tiny_reward_model(kind, dtype=torch.float64)
+def test_cached_states_equal_the_models_forward_float64(kind, pooling):
+    model = tiny_reward_model(kind, dtype=torch.float64, pooling=pooling)
     got = compute_states(model, ENCODED)
     want = forward_states(model, ENCODED)
     assert got.dtype == torch.float64
@@ -120,6 +121,8 @@ def test_an_interrupted_build_keeps_its_finished_parts(monkeypatch):
 
 def test_another_backbone_gets_another_store():
     a, b = tiny_reward_model("llama", seed=0), tiny_reward_model("llama", seed=1)
+    assert FeatureStore.for_model(a, None).root != FeatureStore.for_model(tiny_reward_model("llama", pooling="mean"),
+                                                                          None).root
     assert FeatureStore.for_model(a, None).root != FeatureStore.for_model(b, None).root
     assert FeatureStore.for_model(a, None).root != FeatureStore.for_model(a.to(torch.float32), None).root
 
@@ -197,3 +200,21 @@ def test_train_layers_between_0_and_all_is_refused(tiny_model_dir, tmp_path):
 
     with pytest.raises(GradscopeError, match="--train-layers 2"):
         run_train(train_cfg(tiny_model_dir, "demo", tmp_path, train_layers="2"), log=lambda m: None)
+
+
+def test_the_pooling_a_head_was_trained_on_travels_with_it(tiny_model_dir, tmp_path):
+    from gradscope.train import run_train
+
+    out = tmp_path / "mean"
+    meta = run_train(train_cfg(tiny_model_dir, "demo", out, pooling="mean", epochs=1), log=lambda m: None)
+    assert meta["pooling"] == "mean" and load_model(str(out)).model.pooling == "mean"
+    assert load_model(str(tiny_model_dir)).model.pooling == "last"  # a decoder's default
+    with pytest.raises(ModelError, match="trained on mean pooling"):
+        load_model(str(out), pooling="last")
+
+
+def test_minilm_pools_as_its_sentence_transformers_config_says():
+    from gradscope.model import default_pooling
+
+    assert load_model("minilm").model.pooling == "mean"
+    assert default_pooling(False, None) == "cls" and default_pooling(True, None) == "last"

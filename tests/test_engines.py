@@ -173,3 +173,22 @@ def test_ghost_refuses_what_it_cannot_do_exactly():
     with pytest.raises(GradscopeError, match="down_proj.lin .*more than once"):
         ENGINES["ghost"](twice, ids, mask)
     assert resolve_engine("auto", tiny_reward_model("bert")) == "ghost"
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean", "cls"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_pooling_agrees_across_engines_float64(kind, pooling):
+    """The head reads the pooled state; every engine differentiates through the same pooling."""
+    model = tiny_reward_model(kind, torch.float64, pooling=pooling)
+    ids, mask = random_pairs(4, 9, seed=3, identical=1, padding_side="left")
+    ref = ENGINES["loop"](model, ids, mask)
+    for engine in ("vmap", "ghost"):
+        fast = ENGINES[engine](model, ids, mask, chunk_size=2)
+        assert_norms_match(ref.sq_norms, fast.sq_norms, rtol=1e-6, names=ref.names)
+        torch.testing.assert_close(fast.rewards, ref.rewards, rtol=1e-12, atol=1e-12)
+    # the head's block is exactly the distance of the pooled states, whatever the pooling
+    head = [i for i, n in enumerate(ref.names) if n == "head.weight"][0]
+    dist = (ref.last_hidden[:, 0] - ref.last_hidden[:, 1]).norm(dim=-1)
+    torch.testing.assert_close(ref.sq_norms[:, head].sqrt(), dist, rtol=1e-10, atol=1e-12)
+    if pooling == "mean":
+        torch.testing.assert_close(ref.last_hidden, ref.mean_hidden, rtol=0, atol=0)

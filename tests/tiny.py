@@ -33,10 +33,10 @@ def tiny_backbone(kind: str, seed: int = 0, vocab: int = VOCAB):
     raise ValueError(kind)
 
 
-def tiny_reward_model(kind: str, dtype=torch.float64, seed: int = 0) -> RewardModel:
+def tiny_reward_model(kind: str, dtype=torch.float64, seed: int = 0, pooling: str | None = None) -> RewardModel:
     bb = tiny_backbone(kind, seed)
     bb.config.use_cache = False
-    return RewardModel(bb, probe_causal(bb), seed=seed).to(dtype).eval()
+    return RewardModel(bb, probe_causal(bb), seed=seed, pooling=pooling).to(dtype).eval()
 
 
 def random_pairs(B: int, T: int, seed: int = 0, identical: int | None = None, padding_side="right"):
