@@ -255,3 +255,17 @@ def test_a_local_folder_that_fails_to_load_says_so(tmp_path):
     (tmp_path / "broken" / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(ModelError, match="broken: the local model folder failed to load"):
         load_model(str(tmp_path / "broken"))
+
+
+def test_truncation_on_a_chat_template_keeps_its_start_token_and_the_response_end():
+    from transformers import AutoTokenizer
+
+    from gradscope.model import alias_path
+
+    tok = AutoTokenizer.from_pretrained(alias_path("smollm2"))  # SmolLM2: <|im_start|>system ... <|im_end|>\n
+    p = _long_prompt_pair()
+    full = PairEncoder(tok, max_length=10_000).encode(p)
+    e = PairEncoder(tok, max_length=24).encode(p)
+    assert e.truncated and len(e.chosen_ids) == len(e.rejected_ids) == 24 and not e.identical
+    assert e.chosen_ids[0] == full.chosen_ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
+    assert e.chosen_ids[1:] == full.chosen_ids[-23:] and "return x + 1" in tok.decode(e.chosen_ids)
