@@ -46,6 +46,7 @@ from .model import CHECKPOINT_META, RewardModel, pad_token_id, save_head_checkpo
 TRAINER_STATE = "trainer_state"
 DYNAMICS_FILE = "dynamics.parquet"
 PAIR_LOG_FILE = "pairs_log.parquet"
+LOG_DIR = "logs"  # per-step rows, appended one part per save interval until the final model gathers them
 QUANTILES = {"min": 0.0, "p10": 0.1, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p90": 0.9, "max": 1.0}
 
 
@@ -286,6 +287,7 @@ class Trainer:
         self.optimizer = make_optimizer(cfg, [p for p in self.net.parameters() if p.requires_grad])
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, math.ceil(cfg.warmup_ratio * self.total_steps),
                                                          self.total_steps)
+        # per-step rows since the last save; at each save they are appended to OUT/logs/ as one part
         self.start_step, self.dynamics, self.pair_log = 0, [], []
         if self.resume_dir is not None:
             self._resume()
@@ -333,8 +335,10 @@ class Trainer:
         if state["data_hash"] != data_hash(self.encoded):
             raise GradscopeError(f"{self.resume_dir}: the checkpoint was trained on other data (hash differs)")
         self.start_step = state["step"]
-        self.dynamics, self.pair_log = meta.get("dynamics", []), meta.get("pair_log", [])
         if self.acc.is_main_process:
+            for f in self.log_parts():  # rows logged after this checkpoint belong to a run that is discarded
+                if int(f.stem.rsplit("-", 1)[1]) > self.start_step:
+                    f.unlink()
             self.log(f"resuming from {self.resume_dir} at step {self.start_step}")
 
     # ---------------------------------------------------------------------------------------- the loop
@@ -469,22 +473,37 @@ class Trainer:
                                                        "backbone_key": self.backbone_key})
             else:
                 save_reward_model(self.model, self.loaded.tokenizer, tmp, {**meta, "train_layers": "all"})
-            save_trainer_state(tmp, self.optimizer, self.scheduler, self.loss_fn,
-                               {"dynamics": self.dynamics, "pair_log": self.pair_log})
-            T.write_parquet(pd.DataFrame(self.dynamics), tmp / DYNAMICS_FILE)
-            if cfg.log_pairs:
-                T.write_parquet(pd.DataFrame(self.pair_log), tmp / PAIR_LOG_FILE)
-            if target == self.out:  # the final model: files into OUT, beside the checkpoint-* folders
+            save_trainer_state(tmp, self.optimizer, self.scheduler, self.loss_fn, {})
+            self.append_logs(step)
+            if target == self.out:  # the final model: the logged rows, then the files into OUT
+                for name, file in (("dynamics", DYNAMICS_FILE), ("pairs_log", PAIR_LOG_FILE)):
+                    parts = self.log_parts(name)
+                    if parts:
+                        T.write_parquet(pd.concat([pd.read_parquet(f) for f in parts], ignore_index=True), tmp / file)
                 target.mkdir(parents=True, exist_ok=True)
                 # gradscope.json last: its presence in OUT means the whole final model is there
                 for f in sorted(tmp.iterdir(), key=lambda f: f.name == CHECKPOINT_META):
                     f.replace(target / f.name)
                 tmp.rmdir()
+                shutil.rmtree(self.out / LOG_DIR, ignore_errors=True)
             else:
                 if target.exists():
                     shutil.rmtree(target)
                 tmp.replace(target)
+        self.dynamics, self.pair_log = [], []  # appended (main process) or not kept (the others)
         acc.wait_for_everyone()
+
+
+    def log_parts(self, name: str = "*") -> list[Path]:
+        """The appended parts of the per-step logs, in step order (``OUT/logs/<name>-<first>-<last>.parquet``)."""
+        return sorted((self.out / LOG_DIR).glob(f"{name}-*.parquet"))
+
+    def append_logs(self, step: int) -> None:
+        """Append the rows logged since the last save as one part per log (written atomically)."""
+        for name, rows in (("dynamics", self.dynamics), ("pairs_log", self.pair_log)):
+            if rows:
+                first = rows[0]["step"]
+                T.write_parquet(pd.DataFrame(rows), self.out / LOG_DIR / f"{name}-{first:09d}-{step:09d}.parquet")
 
 
 def run_train(cfg: TrainConfig, log=print) -> dict:

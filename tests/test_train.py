@@ -98,6 +98,13 @@ def test_resume_after_a_kill_ends_with_the_same_weights(tiny_model_dir, margin_d
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{f}:{k}")
     ma, mb = (json.loads((p / "gradscope.json").read_text()) for p in (full, killed))
     assert ma["loss_state"] == mb["loss_state"]
+    # the per-step log was appended in parts, and gathered whole, as in the uninterrupted run
+    import pandas as pd
+
+    da, db = (pd.read_parquet(p / "dynamics.parquet") for p in (full, killed))
+    assert list(da["step"]) == list(range(1, 9))
+    pd.testing.assert_frame_equal(da, db)
+    assert not (killed / "logs").exists() and not (killed / "checkpoint-4" / "dynamics.parquet").exists()
 
 
 def test_margin_loss_without_margins_is_a_clear_error(tiny_model_dir, tmp_path):
