@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 CATEGORY_NAMES = {"chat": "Chat", "chat-hard": "Chat-Hard", "safety": "Safety", "reasoning": "Reasoning",
                   "all": "All"}
-CATEGORY_COLORS = {"chat": "#4C72B0", "chat-hard": "#DD8452", "safety": "#55A868", "reasoning": "#C44E52",
-                   "all": "#8172B3"}
-_EXTRA = ["#937860", "#DA8BC3", "#8C8C8C", "#CCB974", "#64B5CD"]
 CATEGORY_ORDER = ["chat", "chat-hard", "safety", "reasoning"]
+PALETTE = "deep"  # seaborn's: RewardBench's four sections take its first four colours, "all" the fifth
 
 STYLE = {
     "figure.dpi": 110, "savefig.dpi": 150, "savefig.bbox": "tight", "font.size": 10,
@@ -27,18 +26,25 @@ def ordered_categories(categories) -> list[str]:
     return [c for c in CATEGORY_ORDER if c in cats] + sorted(c for c in cats if c not in CATEGORY_ORDER)
 
 
-def color_of(category: str, others: list[str] | None = None) -> str:
-    if category in CATEGORY_COLORS:
-        return CATEGORY_COLORS[category]
-    others = sorted(others or [category])
-    return _EXTRA[others.index(category) % len(_EXTRA)] if category in others else _EXTRA[0]
+def palette(categories) -> dict:
+    """category -> colour: the four sections and "all" always the same, other categories after them."""
+    import seaborn as sns
+
+    colors = sns.color_palette(PALETTE, 10)
+    fixed = [*CATEGORY_ORDER, "all"]
+    extra = sorted(c for c in dict.fromkeys(categories) if c not in fixed)
+    return {c: colors[fixed.index(c)] if c in fixed else colors[(len(fixed) + extra.index(c)) % 10]
+            for c in dict.fromkeys(categories)}
+
 
 
 @contextlib.contextmanager
 def style():
     import matplotlib.pyplot as plt  # headless machines fall back to Agg; notebooks keep inline
 
-    with plt.rc_context(STYLE):
+    with plt.rc_context(STYLE), warnings.catch_warnings():
+        # seaborn 0.13's box plots still pass matplotlib's deprecated `vert` (matplotlib >= 3.11)
+        warnings.filterwarnings("ignore", message="vert: bool was deprecated")
         yield plt
 
 

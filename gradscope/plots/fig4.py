@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from .. import tables as T
-from ..plotting import style
+from ..plotting import PALETTE, style
 
 REGION_SHADES = {"small": "#f2f2f2", "medium": "#e4e4e4", "large": "#d6d6d6"}
 
@@ -16,6 +16,7 @@ def plot_fig4(counts: pd.DataFrame, label_a: str = "A", label_b: str = "B"):
     counts), distance_low, distance_high and region. Bars per model per bin; regions shaded."""
     T.require_columns(counts, [T.DISTANCE_BIN, "a", "b", "distance_low", "distance_high", T.REGION],
                       "exclusive-correct counts")
+    import seaborn as sns
     from matplotlib.ticker import MaxNLocator
 
     with style() as plt:
@@ -27,8 +28,9 @@ def plot_fig4(counts: pd.DataFrame, label_a: str = "A", label_b: str = "B"):
             ax.text((lo + hi) / 2, 1.0, f"{region} distance", transform=ax.get_xaxis_transform(),
                     ha="center", va="bottom", fontsize=9)
         w = 0.38
-        ax.bar(x - w / 2, counts["a"], w, label=f"only {label_a} correct", color="#4C72B0", zorder=2)
-        ax.bar(x + w / 2, counts["b"], w, label=f"only {label_b} correct", color="#C44E52", zorder=2)
+        colors = sns.color_palette(PALETTE)  # blue for A, red for B
+        ax.bar(x - w / 2, counts["a"], w, label=f"only {label_a} correct", color=colors[0], zorder=2)
+        ax.bar(x + w / 2, counts["b"], w, label=f"only {label_b} correct", color=colors[3], zorder=2)
         ax.set_xticks(x, [f"{lo:.2g}–{hi:.2g}" for lo, hi in zip(counts["distance_low"], counts["distance_high"])],
                       rotation=45, ha="right")
         ax.set_xlabel(r"base-model representation distance $\|h_w - h_l\|$ (bin)")
