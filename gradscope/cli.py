@@ -40,7 +40,9 @@ TRAIN_DESCRIPTION = """\
 Train a reward model (gradscope's linear head on any HF backbone) with the Bradley-Terry loss, NormBT
 or one of the paper's baselines and ablations (--loss). Defaults follow the paper's Table 3: SGD with
 momentum 0.9, cosine schedule with 3% warm-up, one epoch, gradient accumulation, bf16 where the
-hardware has it, full-parameter tuning.
+hardware has it, full-parameter tuning. --train-layers 0 trains the head alone on the frozen
+backbone's pooled states, read from an on-disk cache after one forward per pair (seconds per run);
+--val-fraction holds out pairs by prompt for validation.
 
 Writes the final checkpoint into --out (HF save_pretrained backbone, head.safetensors, gradscope.json
 with the loss, its state μ_t, step, config and a hash of the data), checkpoint-STEP/ folders with
@@ -51,6 +53,8 @@ rate, μ_t, quantiles of ‖h_w - h_l‖ and weight statistics (the paper's Figu
 TRAIN_EPILOG = """\
 examples:
   gradscope train --loss normbt --model smollm2 --data ../shared/data/train-hh-rlhf.jsonl --limit 256 --out runs/normbt
+  gradscope train --loss normbt --train-layers 0 --val-fraction 0.2 --epochs 10 --batch-size 16 --grad-accum 1 \
+      --data ../shared/data/train-reasoning.jsonl --limit 1000 --sample stratified --out runs/normbt-head
   gradscope train --loss normbt+margin --model minilm --data ../shared/data/train-alpacaeval-margin.jsonl
   accelerate launch --num_processes 4 -m gradscope train --loss bt --model ./base --data org/prefs
 """
@@ -84,7 +88,7 @@ Table 4). compare.json holds the numbers."""
 COMPARE_EPILOG = """\
 examples:
   gradscope compare results/bt results/normbt --data ../shared/data/rewardbench-v1.jsonl \\
-      --distance-model smollm2 --label-a BT --label-b NormBT --out results/bt-vs-normbt
+      --model smollm2 --label-a BT --label-b NormBT --out results/bt-vs-normbt
   gradscope compare bt-s1,bt-s2,bt-s3 nbt-s1,nbt-s2,nbt-s3 --distances results/base/pairs.parquet
 """
 
@@ -98,27 +102,36 @@ def _unwrap_optional(tp):
 
 
 def add_dataclass_options(parser: argparse.ArgumentParser, cls) -> None:
+    """One option per field of ``cls``; the shared model and data options under their own headings."""
     hints = typing.get_type_hints(cls)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    own = parser.add_argument_group(f"{parser.prog.split()[-1]} options")
     for f in dataclasses.fields(cls):
-        tp = _unwrap_optional(hints[f.name])
-        flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", [])]
-        help_ = f.metadata.get("help", "")
-        if f.metadata.get("positional"):
-            parser.add_argument(f.name, metavar=f.name.upper(), help=help_)
-            continue
-        if f.metadata.get("action") == "append":
-            parser.add_argument(*flags, dest=f.name, action="append", default=None, metavar=f.name.upper(), help=help_)
-            continue
-        if tp is bool:
-            parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=help_ + " (default: %(default)s)")
-            continue
-        kwargs = dict(type=tp, default=f.default, help=help_ + " (default: %(default)s)",
-                      metavar=f.name.upper())
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-            kwargs.pop("metavar")
-        parser.add_argument(*flags, dest=f.name, **kwargs)
+        name = f.metadata.get("group")
+        target = own if name is None else groups.setdefault(name, parser.add_argument_group(name))
+        _add_option(target, f, hints)
+
+
+def _add_option(parser, f: dataclasses.Field, hints: dict) -> None:
+    tp = _unwrap_optional(hints[f.name])
+    flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", [])]
+    help_ = f.metadata.get("help", "")
+    if f.metadata.get("positional"):
+        parser.add_argument(f.name, metavar=f.name.upper(), help=help_)
+        return
+    if f.metadata.get("action") == "append":
+        parser.add_argument(*flags, dest=f.name, action="append", default=None, metavar=f.name.upper(), help=help_)
+        return
+    if tp is bool:
+        parser.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                            help=help_ + " (default: %(default)s)")
+        return
+    kwargs = dict(type=tp, default=f.default, help=help_ + " (default: %(default)s)",
+                  metavar=f.name.upper())
+    if "choices" in f.metadata:
+        kwargs["choices"] = f.metadata["choices"]
+        kwargs.pop("metavar")
+    parser.add_argument(*flags, dest=f.name, **kwargs)
 
 
 def config_from_args(cls, args: argparse.Namespace):
