@@ -10,7 +10,8 @@ from gradscope.inputs import DataOptions, ModelOptions
 SHARED = [f for cls in (ModelOptions, DataOptions) for f in dataclasses.fields(cls)]
 VALUES = {"model": "m", "dtype": "float64", "seed": "7", "revision": "r1", "data": "d.jsonl", "split": "test",
           "limit": "5", "sample": "stratified", "max_length": "99", "prompt_field": "q", "chosen_field": "good",
-          "rejected_field": "bad", "id_field": "uid", "subset_field": "s", "category_field": "c", "margin_field": "gap"}
+          "rejected_field": "bad", "id_field": "uid", "subset_field": "s", "category_field": "c", "margin_field": "gap",
+          "pooling": "mean"}
 FLAGS = {"trust_remote_code": "--trust-remote-code", "chat_template": "--no-chat-template"}
 
 
