@@ -75,6 +75,8 @@ def main(argv=None) -> Path:
     ap.add_argument("--out", default=None, help="default results/bt-vs-normbt-<scale>")
     ap.add_argument("--resume", action="store_true", help="continue an interrupted study in --out: finished "
                     "stages, training runs and evaluations are kept")
+    ap.add_argument("--publish", metavar="DIR", help="also copy the small result tables and the figures (shrunk) "
+                    "into DIR, for committing (e.g. docs/results/bt-vs-normbt-small)")
     args = ap.parse_args(argv)
     s = SCALES[args.scale]
     model = args.model or s["model"]
@@ -140,8 +142,29 @@ def main(argv=None) -> Path:
              "train_config": dataclasses.asdict(base)}
     write_json(study, out / "study.json")
     report(out, study, runs, pd.DataFrame(sweep_rows), figs, argv)
+    if args.publish:
+        publish(out, Path(args.publish))
     print(json.dumps({"report": str(out / "REPORT.md")}))
     return out
+
+
+PUBLISHED = ("REPORT.md", "study.json", "sweep.csv", "runs.csv", "base_distances.parquet", "compare/compare.json",
+             "compare/disagreements.parquet")
+
+
+def publish(out: Path, dest: Path) -> None:
+    """The study's small tables and its figures (PNG, shrunk) in ``dest``: what the README links."""
+    import shutil
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from gallery import shrink_png
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PUBLISHED:
+        shutil.copyfile(out / name, dest / Path(name).name)
+    for png in sorted((out / "figures").glob("*.png")):
+        shrink_png(png, dest / png.name)
+    print(f"published {dest}")
 
 
 # ------------------------------------------------------------------------------------------ stages

@@ -31,7 +31,7 @@ def test_smoke_analyses_run_end_to_end(script, tiny_model_dir, tmp_path, capsys)
         sys.path.remove(str(REPO / "analyses"))
     argv = ["--scale", "smoke", "--model", str(tiny_model_dir), "--out", str(tmp_path / "out")]
     if script == "bt_vs_normbt":
-        argv += ["--seeds", "2"]
+        argv += ["--seeds", "2", "--publish", str(tmp_path / "published")]
     out = mod.main(argv)
     report = (out / "REPORT.md").read_text()
     assert "Command:" in report and "Figures:" in report
@@ -40,6 +40,9 @@ def test_smoke_analyses_run_end_to_end(script, tiny_model_dir, tmp_path, capsys)
                 "bt_vs_normbt": {"fig4.png", "fig9.png"}}[script]
     assert expected <= {p.name for p in pngs}
     assert all(p.stat().st_size > 5_000 for p in pngs)
+    if script == "bt_vs_normbt":
+        published = {p.name for p in (tmp_path / "published").iterdir()}
+        assert {"REPORT.md", "study.json", "runs.csv", "compare.json", "fig4.png", "fig9.png"} <= published
 
     # --resume keeps every finished stage (nothing is recomputed) and rewrites the same report
     capsys.readouterr()
