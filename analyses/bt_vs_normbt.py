@@ -121,6 +121,7 @@ def main(argv=None) -> Path:
                                     data=s["eval_data"], model=model, out=str(out / "compare"), bins=9,
                                     label_a="BT", label_b="NormBT", max_length=s["eval_max_length"], progress=progress))
     distances = base_distances(base, s, out)
+    val_cmp = validation_compare(base, finals, out)
     figs = {"fig4": fig4(out / "compare" / "compare.json", out / "figures" / "fig4"),
             "fig9": fig9({f"{loss} seed {i}": r / "dynamics.parquet" for loss in MAIN for i, r in enumerate(finals[loss])
                           if i < 3}, out / "figures" / "fig9")}
@@ -138,7 +139,7 @@ def main(argv=None) -> Path:
              "n_disagreements_seed0": cmp["n_disagreements"], "by_region_seed0": cmp["by_region"],
              "accuracy_diff_seed_mean": cmp["accuracy_diff_seed_mean"],
              "accuracy_diff_by_region": cmp["accuracy_diff_by_region"], "seed_table": cmp["seeds"],
-             "base_distance_by_category": distance_summary(distances),
+             "base_distance_by_category": distance_summary(distances), "validation_compare": val_cmp,
              "train_config": dataclasses.asdict(base)}
     write_json(study, out / "study.json")
     report(out, study, runs, pd.DataFrame(sweep_rows), figs, argv)
@@ -148,8 +149,8 @@ def main(argv=None) -> Path:
     return out
 
 
-PUBLISHED = ("REPORT.md", "study.json", "sweep.csv", "runs.csv", "base_distances.parquet", "compare/compare.json",
-             "compare/disagreements.parquet")
+PUBLISHED = ("REPORT.md", "study.json", "sweep.csv", "runs.csv", "base_distances.parquet", "validation_compare.json",
+             "compare/compare.json", "compare/disagreements.parquet")
 
 
 def publish(out: Path, dest: Path) -> None:
@@ -162,6 +163,8 @@ def publish(out: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for name in PUBLISHED:
         shutil.copyfile(out / name, dest / Path(name).name)
+    report = (dest / "REPORT.md").read_text().replace("`figures/", "`")  # the figures sit beside it there
+    atomic_write_bytes(dest / "REPORT.md", lambda t: t.write_text(report))
     for png in sorted((out / "figures").glob("*.png")):
         shrink_png(png, dest / png.name)
     print(f"published {dest}")
@@ -210,6 +213,39 @@ def base_distances(base: TrainConfig, s: dict, out: Path) -> pd.DataFrame:
     df = score_pairs(inputs.loaded, inputs.encoded, feature_cache=True)[["pair_id", "subset", "category", "proxy_l2"]]
     write_parquet(df, path)
     return df
+
+
+def validation_compare(base: TrainConfig, finals: dict[str, list[Path]], out: Path) -> dict:
+    """NormBT − BT on the validation pairs (held out by prompt from the training files: in distribution,
+    where the models are above chance), per category and per third of the base model's distance; each
+    pair's correctness averaged over the seeds, paired bootstrap over pairs."""
+    path = out / "validation_compare.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from gradscope.compare import mean_correct, paired_bootstrap_diff, pair_regions
+    from gradscope.data import split_by_prompt
+    from gradscope.evaluate import scores_table
+    from gradscope.inputs import load_inputs
+    from gradscope.scoring import score_pairs
+
+    val = [p for p in split_by_prompt(base.load_pairs(), base.val_fraction)[1]]
+    scores, dist = {}, None
+    for loss in MAIN:
+        scores[loss] = []
+        for run in finals[loss]:
+            inputs = load_inputs(dataclasses.replace(base, model=str(run)), pairs=val)
+            keep = [e for e in inputs.encoded if not e.identical]  # as in training: no signal in them
+            scored = score_pairs(inputs.loaded, keep, feature_cache=True)
+            scores[loss].append(scores_table(scored))
+            dist = scored[["pair_id", "proxy_l2"]].rename(columns={"proxy_l2": "distance"})  # the frozen base's
+    regions = pair_regions(dist, bins=9)[0][["pair_id", "region"]]
+    a, b = mean_correct(scores["bt"]), mean_correct(scores["normbt"])
+    result = {"n_pairs": int(len(a)), "by_category": paired_bootstrap_diff(a, b),
+              "by_region": paired_bootstrap_diff(a.merge(regions, on="pair_id"), b, by="region"),
+              "distance_by_category": distance_summary(dist.merge(a[["pair_id", "category"]], on="pair_id")
+                                                       .rename(columns={"distance": "proxy_l2"}))}
+    write_json(result, path)
+    return result
 
 
 def distance_summary(df: pd.DataFrame) -> dict:
@@ -271,9 +307,13 @@ def pct(x) -> str:
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{100 * x:.1f}"
 
 
+def signed(x) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:+.1f}"
+
+
 def ci(d: dict) -> str:
     lo, hi = d["diff_ci95"]
-    return f"{100 * d['diff_b_minus_a']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+    return f"{signed(d['diff_b_minus_a'])} [{signed(lo)}, {signed(hi)}]"
 
 
 def report(out: Path, study: dict, runs: pd.DataFrame, sweep_rows: pd.DataFrame, figs: dict, argv) -> None:
@@ -318,6 +358,14 @@ def report(out: Path, study: dict, runs: pd.DataFrame, sweep_rows: pd.DataFrame,
               "bootstrap 95% interval over pairs)", "", "| group | n | NormBT − BT [95% CI] |", "|---|---|---|"]
     lines += [f"| {k} | {v['n']} | {ci(v)} |" for k, v in d.items()]
     lines += [f"| {k} distance third | {v['n']} | {ci(v)} |" for k, v in r.items() if k != "overall"]
+    v = study["validation_compare"]
+    lines += ["", f"## NormBT − BT on the validation split ({v['n_pairs']} pairs held out by prompt from the training "
+              "files: in distribution; same averaging and bootstrap)", "", "| group | n | NormBT − BT [95% CI] | "
+              "mean distance |", "|---|---|---|---|"]
+    lines += [f"| {k} | {x['n']} | {ci(x)} | "
+              + (f"{v['distance_by_category'][k]['mean']:.2f}" if k in v["distance_by_category"] else "") + " |"
+              for k, x in v["by_category"].items()]
+    lines += [f"| {k} distance third | {x['n']} | {ci(x)} | |" for k, x in v["by_region"].items() if k != "overall"]
     lines += ["", "## Base-model distance ‖h_w − h_l‖ of the evaluation pairs (Figure 2, right)", "",
               "| category | n | mean [95% CI] | median |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['n']} | {v['mean']:.2f} [{v['mean_ci95'][0]:.2f}, {v['mean_ci95'][1]:.2f}] | {v['median']:.2f} |"

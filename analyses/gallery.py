@@ -1,6 +1,6 @@
 """Copy the PNG figures of finished studies into a gallery folder, shrunk for committing.
 
-    python analyses/gallery.py results/correlation-small results/bt-vs-normbt-small --out docs/gallery
+    python analyses/gallery.py results/correlation-small --out docs/gallery
 
 Each results directory's figures are redrawn from its tables first (`gradscope figures`), then
 every `figures/*.png` is copied as `<results dir name>-<figure>.png`, at most 1400 px wide with a
