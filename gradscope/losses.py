@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import GradscopeError
+from .proxies import cosine_distance, l2_distance
 
 EPS = 1e-6
 
@@ -81,18 +82,19 @@ NEEDS_MARGIN = {"margin", "margin_out"}
 
 
 def last_l2(f: PairFeatures) -> torch.Tensor:
-    return (f.last_chosen - f.last_rejected).norm(dim=-1)
+    return l2_distance(f.last_chosen, f.last_rejected)
 
 
 def meanpool_l2(f: PairFeatures) -> torch.Tensor:
-    return (f.mean_chosen - f.mean_rejected).norm(dim=-1)
+    return l2_distance(f.mean_chosen, f.mean_rejected)
 
 
-def cosine_distance(f: PairFeatures) -> torch.Tensor:
-    return 1 - F.cosine_similarity(f.last_chosen, f.last_rejected, dim=-1, eps=1e-12)
+def last_cosine(f: PairFeatures) -> torch.Tensor:
+    return cosine_distance(f.last_chosen, f.last_rejected)
 
 
-DISTANCES = {"last_l2": last_l2, "meanpool_l2": meanpool_l2, "cosine": cosine_distance}
+# the distances of gradscope.proxies (one definition, one epsilon), on a batch's features
+DISTANCES = {"last_l2": last_l2, "meanpool_l2": meanpool_l2, "cosine": last_cosine}
 
 
 def global_mean(x: torch.Tensor) -> torch.Tensor:

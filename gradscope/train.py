@@ -330,7 +330,7 @@ class Trainer:
         return encoded, skipped
 
     def _resume(self) -> None:
-        meta = load_trainer_state(self.resume_dir, self.optimizer, self.scheduler, self.loss_fn)
+        load_trainer_state(self.resume_dir, self.optimizer, self.scheduler, self.loss_fn)
         state = self.loaded.meta
         if state["data_hash"] != data_hash(self.encoded):
             raise GradscopeError(f"{self.resume_dir}: the checkpoint was trained on other data (hash differs)")

@@ -136,3 +136,19 @@ def test_options_a_loss_takes_are_used():
     n = build_loss("normbt+label_smooth", normbt_alpha=0.5, ema_beta=0.5, label_smoothing=0.2)
     assert (n.alpha, n.beta, n.label_smoothing) == (0.5, 0.5, 0.2)
     assert build_loss("dopt", ema_beta=0.8).beta == 0.8
+
+
+def test_the_losses_distances_are_the_tables_proxies():
+    """One definition: NormBT's distances equal the proxies written to pairs.parquet."""
+    from gradscope import tables as T
+    from gradscope.losses import DISTANCES
+    from gradscope.proxies import PROXIES
+
+    g = torch.Generator().manual_seed(0)
+    last, mean = torch.randn(5, 2, 7, generator=g, dtype=torch.float64), torch.randn(5, 2, 7, generator=g,
+                                                                                    dtype=torch.float64)
+    last[2, 1] = 0.0  # a state of zeros: cosine distance 1
+    f = PairFeatures(last[:, 0], last[:, 1], mean[:, 0], mean[:, 1])
+    for loss_name, proxy in (("last_l2", T.PROXY_L2), ("meanpool_l2", T.PROXY_MEANPOOL_L2), ("cosine", T.PROXY_COSINE)):
+        torch.testing.assert_close(DISTANCES[loss_name](f), PROXIES[proxy](last, mean), rtol=0, atol=0)
+    assert PROXIES[T.PROXY_COSINE](last, mean)[2] == 1.0
