@@ -30,7 +30,7 @@ class CompareConfig(ModelOptions, DataOptions):
     a: str = opt(None, "Model A: a scores.parquet, an evaluate output folder, or a model to evaluate on the "
                  "spot; several seeds as A1,A2,A3.", positional=True)
     b: str = opt(None, "Model B, as A (e.g. NormBT against A's BT).", positional=True)
-    model: str = opt(DEFAULT_MODEL, "Base model whose last-token distance ‖h_w - h_l‖ bins the pairs (alias, "
+    model: str = opt(DEFAULT_MODEL, "Base model whose distance ‖h_w - h_l‖ (pooled states) bins the pairs (alias, "
                      "folder, .gguf or hub id).", aliases=["--distance-model"])
     distances: str | None = opt(None, "Read distances from this table instead (a correlate pairs.parquet or a "
                                 "table with pair_id and proxy_l2).")
