@@ -218,3 +218,37 @@ def test_minilm_pools_as_its_sentence_transformers_config_says():
 
     assert load_model("minilm").model.pooling == "mean"
     assert default_pooling(False, None) == "cls" and default_pooling(True, None) == "last"
+
+
+def test_two_processes_train_a_head_as_one(tiny_model_dir, tmp_path):
+    """Under `accelerate launch` the main process fills the cache, the other then reads it, and the
+    head trains as in one process on the same global batch."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_correlate import free_port
+
+    from gradscope.train import run_train
+
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "gradscope", "train", "--model", str(tiny_model_dir), "--data", "demo", "--out", str(tmp_path / "two"),
+           "--loss", "normbt", "--train-layers", "0", "--batch-size", "2", "--grad-accum", "2", "--epochs", "2",
+           "--lr", "5e-3", "--max-length", "384", "--val-fraction", "0.25", "--no-progress"]
+    env = {**os.environ, "GRADSCOPE_CACHE": str(tmp_path / "cache")}  # the private store of this test
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("feature cache") == 2  # training and validation pairs, computed by the main process
+    messages = []
+    run_train(train_cfg(tiny_model_dir, "demo", tmp_path / "one", batch_size=4, grad_accum=2, epochs=2,
+                        val_fraction=0.25), log=messages.append)
+    assert not any(m.startswith("feature cache") for m in messages)  # the two processes left nothing to compute
+    a, b = (load_file(tmp_path / d / "head.safetensors") for d in ("one", "two"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+    ma, mb = (json.loads((tmp_path / d / "gradscope.json").read_text()) for d in ("one", "two"))
+    assert mb["processes"] == 2 and ma["loss_state"]["mu"] == pytest.approx(mb["loss_state"]["mu"], rel=1e-6)
+    assert ma["validation"]["accuracy"] == mb["validation"]["accuracy"]
