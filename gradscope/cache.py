@@ -41,7 +41,6 @@ from .data import EncodedPair
 from .model import RewardModel, RewardOutput, cache_dir
 
 FORMAT_VERSION = 1
-ROWS = ("h_w", "h_l", "mean_w", "mean_l")
 
 
 def pair_key(e: EncodedPair) -> str:
@@ -125,25 +124,21 @@ def _batch_states(model: RewardModel, batch: list[EncodedPair], pad_id: int) -> 
     return torch.stack([last[:b], last[b:], mean[:b], mean[b:]], dim=1)
 
 
-def compute_states(model: RewardModel, encoded: list[EncodedPair], pad_id: int = 0, batch_size: int = 8,
-                   progress: bool = False, desc: str = "features") -> torch.Tensor:
-    """(N, 4, H) pooled states of every pair (layout in the module docstring), in input order."""
-    from tqdm.auto import tqdm
+def longest_side(e: EncodedPair) -> int:
+    return max(len(e.chosen_ids), len(e.rejected_ids))
 
-    H = model.backbone.config.hidden_size
-    dtype = model.head.weight.dtype
-    out = torch.empty(len(encoded), 4, H, dtype=dtype)
-    with tqdm(total=len(encoded), unit="pair", disable=not progress, desc=desc, dynamic_ncols=True) as bar:
-        if model.causal and model.kv_cache_arg is not None:
-            for i, e in enumerate(encoded):
-                out[i] = _pair_states_causal(model, e.chosen_ids, e.rejected_ids).cpu()
-                bar.update(1)
-        else:
-            order = sorted(range(len(encoded)), key=lambda i: max(len(encoded[i].chosen_ids), len(encoded[i].rejected_ids)))
-            for s in range(0, len(order), batch_size):
-                idx = order[s:s + batch_size]
-                out[idx] = _batch_states(model, [encoded[i] for i in idx], pad_id).cpu()
-                bar.update(len(idx))
+
+def compute_states(model: RewardModel, encoded: list[EncodedPair], pad_id: int = 0, batch_size: int = 8) -> torch.Tensor:
+    """(N, 4, H) pooled states of every pair (layout in the module docstring), in input order."""
+    out = torch.empty(len(encoded), 4, model.backbone.config.hidden_size, dtype=model.head.weight.dtype)
+    if model.causal and model.kv_cache_arg is not None:
+        for i, e in enumerate(encoded):
+            out[i] = _pair_states_causal(model, e.chosen_ids, e.rejected_ids).cpu()
+        return out
+    order = sorted(range(len(encoded)), key=lambda i: longest_side(encoded[i]))  # batches of similar length
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        out[idx] = _batch_states(model, [encoded[i] for i in idx], pad_id).cpu()
     return out
 
 
@@ -165,8 +160,8 @@ class FeatureStore:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        self._index: dict[str, tuple[int, int]] | None = None
-        self._parts: dict[int, np.ndarray] = {}
+        self._index: dict[str, tuple[str, int]] | None = None  # pair key -> (part, row)
+        self._parts: dict[str, np.ndarray] = {}
 
     @classmethod
     def for_model(cls, model: RewardModel, folder: str | os.PathLike | None, root: str | os.PathLike | None = None,
@@ -215,21 +210,22 @@ class FeatureStore:
         """(N, 4, H) states of ``encoded``, computing (and storing) only the pairs not yet cached."""
         from tqdm.auto import tqdm
 
-        todo = self.missing(encoded)
+        keys = [pair_key(e) for e in encoded]
+        index = self.index()
+        todo: dict[str, EncodedPair] = {}  # missing pairs, each once
+        for key, e in zip(keys, encoded):
+            if key not in index:
+                todo.setdefault(key, e)
         if todo:
             if log:
                 log(f"feature cache {self.root}: computing {len(todo)} of {len(encoded)} pairs "
                     f"({len(encoded) - len(todo)} cached)")
-            seen: set[str] = set()
-            todo = [i for i in todo if not (pair_key(encoded[i]) in seen or seen.add(pair_key(encoded[i])))]
-            todo.sort(key=lambda i: max(len(encoded[i].chosen_ids), len(encoded[i].rejected_ids)))
-            with tqdm(total=len(todo), unit="pair", disable=not progress, desc="features", dynamic_ncols=True) as bar:
-                for s in range(0, len(todo), part_size):
-                    chunk = [encoded[i] for i in todo[s:s + part_size]]
-                    st = compute_states(model, chunk, pad_id=pad_id)
-                    self.append([pair_key(e) for e in chunk], st.numpy())
+            order = sorted(todo, key=lambda k: longest_side(todo[k]))  # parts of similar length
+            with tqdm(total=len(order), unit="pair", disable=not progress, desc="features", dynamic_ncols=True) as bar:
+                for s in range(0, len(order), part_size):
+                    chunk = order[s:s + part_size]
+                    self.append(chunk, compute_states(model, [todo[k] for k in chunk], pad_id=pad_id).numpy())
                     bar.update(len(chunk))
-        index = self.index()
-        rows = [index[pair_key(e)] for e in encoded]
+        rows = [index[k] for k in keys]
         out = np.stack([self._part(n)[row] for n, row in rows]) if rows else np.zeros((0, 4, 0))
         return torch.from_numpy(np.array(out))

@@ -15,9 +15,9 @@ def score_pairs(loaded: LoadedModel, encoded: list[EncodedPair], *, batch_size: 
                 padding_side: str = "right", progress: bool = False, desc: str = "score",
                 feature_cache: bool = False, log=None) -> pd.DataFrame:
     """One row per pair, in input order: pair_id, subset, category, reward_chosen, reward_rejected,
-    proxy_l2 (‖h_w - h_l‖ at the last real token). With ``feature_cache`` the backbone's pooled
-    states come from the on-disk feature cache (computed and stored where missing), and only the
-    head runs here."""
+    proxy_l2 (‖h_w - h_l‖ of the pooled states, the head's input). With ``feature_cache`` the
+    backbone's pooled states come from the on-disk feature cache (computed and stored where
+    missing), and only the head runs here."""
     from tqdm.auto import tqdm
 
     model = loaded.model
@@ -25,7 +25,7 @@ def score_pairs(loaded: LoadedModel, encoded: list[EncodedPair], *, batch_size: 
     pad = pad_token_id(loaded.tokenizer)
     states = None
     if feature_cache:
-        from .cache import FeatureStore
+        from .cache import FeatureStore, head_forward
 
         store = FeatureStore.for_model(model, loaded.path)
         states = store.states(model, encoded, pad_id=pad, progress=progress, log=log)  # (N, 4, H)
@@ -37,8 +37,6 @@ def score_pairs(loaded: LoadedModel, encoded: list[EncodedPair], *, batch_size: 
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             if states is not None:
-                from .cache import head_forward
-
                 out = head_forward(model, states[idx].to(dev))
             else:
                 ids, mask = collate([encoded[i] for i in idx], pad_id=pad, padding_side=padding_side)  # (b, 2, T)
