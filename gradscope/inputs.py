@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-
 from functools import partial
 
-from .config import opt as _opt
-
-# the options of each group show under their own heading in every command's --help
-model_opt = partial(_opt, group="model options")
-data_opt = partial(_opt, group="data options")
+from .config import opt
 from .data import SAMPLE_MODES, EncodedPair, FieldNames, Pair, PairEncoder, load_pairs
 from .model import ALIASES, DEFAULT_MODEL, DTYPES, POOLINGS, LoadedModel, fit_max_length, load_model
+
+# the options of each group show under their own heading in every command's --help
+model_opt = partial(opt, group="model options")
+data_opt = partial(opt, group="data options")
 
 
 @dataclass
@@ -27,16 +26,16 @@ class ModelOptions:
     """Which model, in which dtype, and how far to trust it."""
 
     model: str = model_opt(DEFAULT_MODEL, "Model: an alias (" + ", ".join(f"{k}: {v.description}" for k, v in
-                     ALIASES.items()) + "), a local HF folder or gradscope checkpoint, a .gguf file, or a hub id.")
+                           ALIASES.items()) + "), a local HF folder or gradscope checkpoint, a .gguf file, or a hub id.")
     dtype: str = model_opt("float32", "Model dtype for the computation.", choices=sorted(DTYPES))
     seed: int = model_opt(0, "Seed of a fresh reward head (a checkpoint's trained head is kept) and of every RNG.")
-    trust_remote_code: bool = model_opt(False, "Allow model code from the model's repository (off: untrusted code never "
-                                  "runs).")
+    trust_remote_code: bool = model_opt(False, "Allow model code from the model's repository (off: untrusted code "
+                                        "never runs).")
     revision: str | None = model_opt(None, "Hub revision of the model.")
-    pooling: str | None = model_opt(None, "What the reward head reads: last (the last real token), mean (over real tokens) "
-                              "or cls (the first token). Default: a checkpoint's own; else last for decoders, and for "
-                              "encoders what they ship (sentence-transformers' 1_Pooling: mean for MiniLM), else cls.",
-                              choices=list(POOLINGS))
+    pooling: str | None = model_opt(None, "What the reward head reads: last (the last real token), mean (over real "
+                                    "tokens) or cls (the first token). Default: a checkpoint's own; else last for "
+                                    "decoders, and for encoders what they ship (sentence-transformers' 1_Pooling: mean "
+                                    "for MiniLM), else cls.", choices=list(POOLINGS))
 
     def load_model(self, source: str | None = None, dtype: str | None = None) -> LoadedModel:
         return load_model(source or self.model, dtype=dtype or self.dtype, seed=self.seed,
@@ -47,14 +46,15 @@ class ModelOptions:
 class DataOptions:
     """Which pairs, and how they become tokens."""
 
-    data: str = data_opt("demo", "Preference pairs: 'demo' (built-in, 64 pairs), a local .jsonl/.json/.parquet/.csv file, "
-                    "a hub dataset id, or several joined by commas (--limit then applies to each).")
+    data: str = data_opt("demo", "Preference pairs: 'demo' (built-in, 64 pairs), a local .jsonl/.json/.parquet/.csv "
+                         "file, a hub dataset id, or several joined by commas (--limit then applies to each).")
     split: str = data_opt("train", "Split, for hub dataset ids.")
     limit: int | None = data_opt(None, "Keep only N pairs (per source); see --sample.")
-    sample: str = data_opt("first", "Which N pairs --limit keeps: the first N, or N spread evenly over the subsets of "
-                      "every category.", choices=list(SAMPLE_MODES))
-    max_length: int = data_opt(1024, "Tokens kept per side (prompt + response, capped by the model's positions); a longer "
-                          "side loses its oldest prompt tokens, never the end of the response, and is flagged.")
+    sample: str = data_opt("first", "Which N pairs --limit keeps: the first N, or N spread evenly over the subsets "
+                           "of every category.", choices=list(SAMPLE_MODES))
+    max_length: int = data_opt(1024, "Tokens kept per side (prompt + response, capped by the model's positions); a "
+                               "longer side loses its oldest prompt tokens, never the end of the response, and is "
+                               "flagged.")
     chat_template: bool = data_opt(True, "Apply the tokenizer's chat template when it has one.")
     prompt_field: str = data_opt("prompt", "Row field holding the prompt (string or list of messages).")
     chosen_field: str = data_opt("chosen", "Row field holding the chosen response.")
@@ -62,7 +62,7 @@ class DataOptions:
     id_field: str = data_opt("id", "Row field holding the pair id (default: the row index).")
     subset_field: str = data_opt("subset", "Row field holding the subset name.")
     category_field: str = data_opt("category", "Row field holding the category (default: from the subset via "
-                              "RewardBench's sections, else 'all').")
+                                   "RewardBench's sections, else 'all').")
     margin_field: str = data_opt("margin", "Row field holding the pair's margin (the margin losses).")
 
     def fields(self) -> FieldNames:

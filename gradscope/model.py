@@ -333,12 +333,17 @@ def _load_head(model: RewardModel, folder: Path) -> None:
     model.load_state_dict(state, strict=False)
 
 
-def _resolve_pooling(requested: str | None, meta: dict, causal: bool, folder, source: str) -> str:
+def _check_pooling(requested: str | None, meta: dict, source: str) -> None:
+    """A checkpoint's head reads the pooling it was trained on; asking for another is refused."""
     trained = meta.get("pooling")
     if requested and trained and requested != trained:
         raise ModelError(f"{source}: its head was trained on {trained} pooling; --pooling {requested} would read "
                          "another state")
-    pooling = requested or trained or default_pooling(causal, folder)
+
+
+def _resolve_pooling(requested: str | None, meta: dict, causal: bool, folder, source: str) -> str:
+    _check_pooling(requested, meta, source)
+    pooling = requested or meta.get("pooling") or default_pooling(causal, folder)
     if pooling not in POOLINGS:
         raise ModelError(f"unknown pooling {pooling!r}; known: {', '.join(POOLINGS)}")
     return pooling
@@ -350,8 +355,8 @@ def _load_head_checkpoint(folder: Path, meta: dict, source: str, *, dtype: torch
     checkpoint names it and checked against the hash the checkpoint recorded, plus its head."""
     from .cache import backbone_key
 
-    pooling = _resolve_pooling(pooling, meta, True, None, source) if (pooling or meta.get("pooling")) else None
-    base = load_model(meta["base_model"], dtype="float32", pooling=pooling, **kwargs)
+    _check_pooling(pooling, meta, source)
+    base = load_model(meta["base_model"], dtype="float32", pooling=pooling or meta.get("pooling"), **kwargs)
     if meta.get("head_layernorm") and base.model.head_norm is None:
         base.model.head_norm = nn.LayerNorm(base.model.backbone.config.hidden_size)
     if meta.get("backbone_key") and backbone_key(base.model, base.path) != meta["backbone_key"]:
@@ -389,15 +394,11 @@ def save_head_checkpoint(model: RewardModel, path: str | os.PathLike, meta: dict
 
 def save_reward_model(model: RewardModel, tokenizer, path: str | os.PathLike, meta: dict) -> Path:
     """A gradscope checkpoint: the backbone in HF ``save_pretrained`` form (safetensors), the
-    tokenizer, ``head.safetensors`` (head and optional head norm) and ``gradscope.json``."""
-    from safetensors.torch import save_file
-
+    tokenizer, then what :func:`save_head_checkpoint` writes (``head.safetensors``: head and optional
+    head norm; ``gradscope.json``)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     model.backbone.save_pretrained(path, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
-    head = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k.startswith("head")}
-    save_file(head, str(path / HEAD_FILE))
-    (path / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    return path
+    return save_head_checkpoint(model, path, meta)
