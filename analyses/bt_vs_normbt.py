@@ -228,7 +228,7 @@ def validation_compare(base: TrainConfig, finals: dict[str, list[Path]], out: Pa
     from gradscope.inputs import load_inputs
     from gradscope.scoring import score_pairs
 
-    val = [p for p in split_by_prompt(base.load_pairs(), base.val_fraction)[1]]
+    val = split_by_prompt(base.load_pairs(), base.val_fraction)[1]
     scores, dist = {}, None
     for loss in MAIN:
         scores[loss] = []
