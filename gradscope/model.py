@@ -25,6 +25,7 @@ from torch import nn
 from .errors import ModelError
 
 HEAD_FILE = "head.safetensors"
+TOP_FILE = "top_layers.safetensors"  # the trained top blocks of a --train-layers K checkpoint
 CHECKPOINT_META = "gradscope.json"
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -351,19 +352,32 @@ def _resolve_pooling(requested: str | None, meta: dict, causal: bool, folder, so
 
 def _load_head_checkpoint(folder: Path, meta: dict, source: str, *, dtype: torch.dtype, pooling: str | None,
                           **kwargs) -> LoadedModel:
-    """A head-only checkpoint (``gradscope train --train-layers 0``): its base model, loaded as the
-    checkpoint names it and checked against the hash the checkpoint recorded, plus its head."""
+    """A checkpoint of a run that froze the trunk (``gradscope train --train-layers 0`` or K): its base
+    model, loaded as the checkpoint names it (in the dtype it trained in, where its hash was taken)
+    and checked against that hash, plus its head and, for K > 0, its trained top blocks. The result
+    has the checkpoint's own path (a head alone: the base's, whose pooled states it reads)."""
     from .cache import backbone_key
 
     _check_pooling(pooling, meta, source)
-    base = load_model(meta["base_model"], dtype="float32", pooling=pooling or meta.get("pooling"), **kwargs)
-    if meta.get("head_layernorm") and base.model.head_norm is None:
-        base.model.head_norm = nn.LayerNorm(base.model.backbone.config.hidden_size)
-    if meta.get("backbone_key") and backbone_key(base.model, base.path) != meta["backbone_key"]:
-        raise ModelError(f"{folder}: its head was trained on the base model {meta['base_model']!r}, which has "
+    trained_in = (meta.get("config") or {}).get("dtype", "float32")
+    base = load_model(meta["base_model"], dtype=trained_in, pooling=pooling or meta.get("pooling"), **kwargs)
+    model = base.model
+    if meta.get("head_layernorm") and model.head_norm is None:
+        model.head_norm = nn.LayerNorm(model.backbone.config.hidden_size).to(model.head.weight.dtype)
+    if meta.get("backbone_key") and backbone_key(model, base.path) != meta["backbone_key"]:
+        raise ModelError(f"{folder}: it was trained on the base model {meta['base_model']!r}, which has "
                          "changed since (its weights or config hash differently)")
-    _load_head(base.model, folder)
-    return LoadedModel(base.model.to(dtype).eval(), base.tokenizer, str(source), base.path, meta)
+    _load_head(model, folder)
+    top = bool(meta.get("train_layers"))
+    if top:
+        from safetensors.torch import load_file
+
+        state = load_file(folder / TOP_FILE)
+        unknown = set(state) - set(model.backbone.state_dict())
+        if unknown:
+            raise ModelError(f"{folder / TOP_FILE}: tensors the base model does not have: {', '.join(sorted(unknown)[:3])}")
+        model.backbone.load_state_dict(state, strict=False)
+    return LoadedModel(model.to(dtype).eval(), base.tokenizer, str(source), str(folder) if top else base.path, meta)
 
 
 def fit_max_length(model: RewardModel, requested: int) -> int:
@@ -379,15 +393,20 @@ def pad_token_id(tokenizer) -> int:
     return 0
 
 
-def save_head_checkpoint(model: RewardModel, path: str | os.PathLike, meta: dict) -> Path:
-    """A head-only checkpoint: ``head.safetensors`` and ``gradscope.json``, whose ``base_model`` names
-    the frozen backbone (and ``backbone_key`` its hash); :func:`load_model` rebuilds the model."""
+def save_head_checkpoint(model: RewardModel, path: str | os.PathLike, meta: dict,
+                         top: dict[str, torch.Tensor] | None = None) -> Path:
+    """A checkpoint of the head: ``head.safetensors`` and ``gradscope.json``, whose ``base_model`` names
+    the frozen backbone (and ``backbone_key`` its hash), plus ``top`` (trained backbone tensors, by
+    their ``backbone.state_dict()`` names) in ``top_layers.safetensors``; :func:`load_model`
+    rebuilds the model."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     head = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if k.startswith("head")}
     save_file(head, str(path / HEAD_FILE))
+    if top:
+        save_file({k: v.detach().contiguous().cpu() for k, v in top.items()}, str(path / TOP_FILE))
     (path / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
     return path
 

@@ -17,14 +17,22 @@ def score_pairs(loaded: LoadedModel, encoded: list[EncodedPair], *, batch_size: 
     """One row per pair, in input order: pair_id, subset, category, reward_chosen, reward_rejected,
     proxy_l2 (‖h_w - h_l‖ of the pooled states, the head's input). With ``feature_cache`` the
     backbone's pooled states come from the on-disk feature cache (computed and stored where
-    missing), and only the head runs here."""
+    missing), and only the head runs here; for a checkpoint that trained its top K blocks
+    (``--train-layers K``), the cache holds the frozen trunk's output and the top K blocks run."""
     from tqdm.auto import tqdm
 
     model = loaded.model
     dev = next(model.parameters()).device
     pad = pad_token_id(loaded.tokenizer)
-    states = None
-    if feature_cache:
+    states = trunk = None
+    top_k = loaded.meta.get("train_layers")
+    if feature_cache and isinstance(top_k, int) and top_k > 0:
+        from .trunk import TopBlocks, TrunkStore, split_backbone
+
+        split = split_backbone(model, top_k)
+        trunk = TrunkStore.for_split(split).states(split, encoded, pad_id=pad, progress=progress, log=log)
+        net = TopBlocks(model, split)
+    elif feature_cache:
         from .cache import FeatureStore, head_forward
 
         store = FeatureStore.for_model(model, loaded.path)
@@ -40,7 +48,9 @@ def score_pairs(loaded: LoadedModel, encoded: list[EncodedPair], *, batch_size: 
                 out = head_forward(model, states[idx].to(dev))
             else:
                 ids, mask = collate([encoded[i] for i in idx], pad_id=pad, padding_side=padding_side)  # (b, 2, T)
-                out = model(stack_chosen_rejected(ids).to(dev), stack_chosen_rejected(mask).to(dev))
+                ids, mask = stack_chosen_rejected(ids).to(dev), stack_chosen_rejected(mask).to(dev)
+                out = (model(ids, mask) if trunk is None
+                       else net(ids, mask, trunk.batch(idx, padding_side=padding_side).to(dev)))
             b = len(idx)
             r = out.rewards.double().cpu()  # (2b,) [chosen; rejected]
             h = out.last_hidden.double().cpu()  # (2b, H)

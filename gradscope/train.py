@@ -8,10 +8,13 @@ are averaged over processes, so two processes train as one process on the same g
 
 ``--train-layers 0`` trains the head alone on the frozen backbone's pooled states, which come from
 the feature cache (``gradscope/cache.py``): computed once per pair, reused by every run, seed,
-learning rate and loss, and by evaluation of the resulting models.
+learning rate and loss, and by evaluation of the resulting models. ``--train-layers K`` trains the
+top K blocks, the final norm and the head on the frozen trunk's output, cached the same way per
+token (``gradscope/trunk.py``).
 
 Checkpoints (``OUT/checkpoint-STEP`` and, at the end, ``OUT`` itself) hold the backbone in
-``save_pretrained`` form (head-only runs: a reference to the base model and its hash instead),
+``save_pretrained`` form (runs that froze the trunk: a reference to the base model and its hash
+instead, and the trained top blocks),
 ``head.safetensors``, ``gradscope.json`` (loss, loss state μ_t, step, config, data hash, validation)
 and the trainer state in ``trainer_state.safetensors`` + ``trainer_state.json`` (the optimizer's
 whole state, scheduler, RNG states): tensors only through safetensors, nothing pickled.
@@ -42,6 +45,7 @@ from .errors import DataError, GradscopeError
 from .losses import LOSSES, PairFeatures, build_loss, effective_sample_size
 from .inputs import DataOptions, ModelOptions, encode_pairs, load_inputs
 from .model import CHECKPOINT_META, RewardModel, pad_token_id, save_head_checkpoint, save_reward_model
+from .trunk import TopBlocks, TrunkStates, TrunkStore, split_backbone
 
 TRAINER_STATE = "trainer_state"
 DYNAMICS_FILE = "dynamics.parquet"
@@ -57,11 +61,12 @@ class TrainConfig(ModelOptions, DataOptions):
 
     out: str = opt("results/train", "Output directory: final checkpoint, checkpoint-STEP/, dynamics.parquet.")
     loss: str = opt("normbt", "Loss: " + ", ".join(sorted(LOSSES)) + ".", choices=sorted(LOSSES))
-    train_layers: str = opt("all", "What trains: 'all' (full fine-tuning) or 0 (the reward head alone, on the "
-                            "frozen backbone's pooled states, computed once per pair and cached on disk: "
-                            "every later run, seed, learning rate and loss, and evaluation, reuse them).")
-    feature_cache: bool = opt(True, "With --train-layers 0: read the backbone's pooled states from the on-disk "
-                              "cache (off: run the frozen backbone at every step; same numbers, slower).")
+    train_layers: str = opt("all", "What trains: 'all' (full fine-tuning); K (the top K blocks, the final norm "
+                            "and the head, on the frozen trunk's token states); 0 (the head alone, on the frozen "
+                            "backbone's pooled states). What stays frozen is computed once per pair and cached on "
+                            "disk: every later run, seed, learning rate and loss, and evaluation, reuse it.")
+    feature_cache: bool = opt(True, "With --train-layers 0 or K: read the frozen part's output from the on-disk "
+                              "cache (off: run the frozen part at every step; same numbers, slower).")
     optimizer: str = opt("sgd", "sgd (with --momentum, the paper's Table 3) or adamw.", choices=["sgd", "adamw"])
     lr: float = opt(1e-3, "Peak learning rate.")
     momentum: float = opt(0.9, "SGD momentum.")
@@ -99,10 +104,10 @@ class TrainConfig(ModelOptions, DataOptions):
                 raise GradscopeError(f"--{name.replace('_', '-')} must be at least 1")
         if self.lr <= 0:
             raise GradscopeError("--lr must be positive")
-        if str(self.train_layers) not in ("0", "all"):
-            raise GradscopeError(f"--train-layers {self.train_layers}: only 0 (the head alone) and all are "
-                                 "implemented; training the top K blocks is not yet")
         self.train_layers = str(self.train_layers)
+        if self.train_layers != "all" and not (self.train_layers.isdigit()):
+            raise GradscopeError(f"--train-layers {self.train_layers}: give all, 0 (the head alone) or a number "
+                                 "of top blocks")
         if not 0 <= self.val_fraction < 1:
             raise GradscopeError("--val-fraction must be in [0, 1)")
         if self.val_data and self.val_fraction:
@@ -258,24 +263,7 @@ class Trainer:
         self.val_encoded, _ = self._drop_identical(encode_pairs(self.loaded, val_pairs, cfg)[0], "validation")
         self.pad = pad_token_id(self.loaded.tokenizer)
 
-        self.head_only = cfg.train_layers == "0"
-        self.states = self.val_states = None
-        if self.head_only:
-            model.backbone.requires_grad_(False)
-            self.backbone_key = backbone_key(model, self.loaded.path)
-        if self.head_only and cfg.feature_cache:  # the frozen backbone's pooled states, from the cache
-            store = FeatureStore.for_model(model, self.loaded.path, key=self.backbone_key)
-            states = lambda enc: store.states(model, enc, pad_id=self.pad, progress=cfg.progress and acc.is_main_process,  # noqa: E731
-                                              log=log if acc.is_main_process else None)
-            if not acc.is_main_process:
-                acc.wait_for_everyone()  # the main process fills the cache first; the others then only read
-            self.states = states(self.encoded).to(acc.device)
-            self.val_states = states(self.val_encoded).to(acc.device) if self.val_encoded else None
-            if acc.is_main_process:
-                acc.wait_for_everyone()
-            self.net = HeadOnly(model)
-        else:
-            self.net = model
+        self.net = self._trainable()
         self.global_micro = cfg.batch_size * acc.num_processes
         self.per_epoch = len(self.encoded) // (self.global_micro * cfg.grad_accum)
         if self.per_epoch == 0:
@@ -317,6 +305,42 @@ class Trainer:
                      f"training: {len(pairs)}")
         return pairs, val
 
+    def _trainable(self) -> torch.nn.Module:
+        """What the optimizer trains, with the frozen part's output from the cache where it is on:
+        the whole model (all), the top blocks (K) or the head (0)."""
+        cfg, acc, model = self.cfg, self.acc, self.loaded.model
+        self.states = self.val_states = self.split = None
+        if cfg.train_layers == "all":
+            return model
+        k = int(cfg.train_layers)
+        before = self.loaded.meta.get("train_layers")
+        if isinstance(before, int) and before > k and not self.resume_dir:
+            raise GradscopeError(f"{cfg.model}: its top {before} blocks were trained; --train-layers {k} would "
+                                 f"freeze some of them and save only the top {k} (give {before} or more, or all)")
+        model.backbone.requires_grad_(False)
+        self.split = split_backbone(model, k) if k else None
+        if self.split is not None:
+            self.split.freeze_trunk()
+        # the base's hash: a checkpoint of a frozen-trunk run names its base, which was verified when it loaded
+        self.backbone_key = self.loaded.meta.get("backbone_key") or backbone_key(model, self.loaded.path)
+        if not cfg.feature_cache:
+            return TopBlocks(model, self.split)
+        progress, log = cfg.progress and acc.is_main_process, self.log if acc.is_main_process else None
+        if self.split is not None:  # the trunk's token states
+            store = TrunkStore.for_split(self.split)
+            read = lambda enc: store.states(self.split, enc, pad_id=self.pad, progress=progress, log=log)  # noqa: E731
+        else:  # the backbone's pooled states
+            features = FeatureStore.for_model(model, self.loaded.path, key=self.backbone_key)
+            read = lambda enc: features.states(model, enc, pad_id=self.pad, progress=progress,  # noqa: E731
+                                               log=log).to(acc.device)
+        if not acc.is_main_process:
+            acc.wait_for_everyone()  # the main process fills the cache first; the others then only read
+        self.states = read(self.encoded)
+        self.val_states = read(self.val_encoded) if self.val_encoded else None
+        if acc.is_main_process:
+            acc.wait_for_everyone()
+        return TopBlocks(model, self.split) if self.split is not None else HeadOnly(model)
+
     def _drop_identical(self, encoded: list[EncodedPair], what: str) -> tuple[list[EncodedPair], int]:
         # a pair whose sides are the same tokens (after truncation) has d = 0 and ∇d = 0 under every
         # model, so no loss here can learn from it; kept, it would only add a constant to the loss
@@ -356,14 +380,16 @@ class Trainer:
         mine = [order[pos + j] for j in range(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)]
         return mine, [order[pos + j] for j in range(self.global_micro)]
 
-    def forward(self, net, idx: list[int], encoded: list[EncodedPair], states: torch.Tensor | None):
-        """d (B,) and PairFeatures of the pairs ``idx``: from the cached states or the whole model."""
+    def forward(self, net, idx: list[int], encoded: list[EncodedPair], states: torch.Tensor | TrunkStates | None):
+        """d (B,) and PairFeatures of the pairs ``idx``: from cached pooled states (the head alone),
+        cached trunk states (the top blocks) or the whole model."""
         dev = self.acc.device
-        if states is not None:
+        if isinstance(states, torch.Tensor):
             o = net(states[idx])
         else:
             ids, mask = collate([encoded[i] for i in idx], pad_id=self.pad)  # (B, 2, T)
-            o = net(stack_chosen_rejected(ids).to(dev), stack_chosen_rejected(mask).to(dev))
+            trunk = (states.batch(idx).to(dev),) if states is not None else ()  # (2B, T, H)
+            o = net(stack_chosen_rejected(ids).to(dev), stack_chosen_rejected(mask).to(dev), *trunk)
         b = len(idx)
         dtype = torch.promote_types(o.rewards.dtype, torch.float32)  # the loss in float32 (float64 if the model is)
         d = (o.rewards[:b] - o.rewards[b:]).to(dtype)
@@ -467,10 +493,11 @@ class Trainer:
                     "skipped_identical": self.skipped_identical, "data_hash": data_hash(self.encoded),
                     "processes": acc.num_processes, "seconds": round(time.perf_counter() - self.t0, 3),
                     "versions": versions()}
-            if self.head_only:  # the backbone is the base model's, untouched: the checkpoint names it
+            if cfg.train_layers != "all":  # the trunk is the base model's, untouched: the checkpoint names it
                 base = self.loaded.meta.get("base_model") or _base_reference(cfg.model)
-                save_head_checkpoint(self.model, tmp, {**meta, "train_layers": 0, "base_model": base,
-                                                       "backbone_key": self.backbone_key})
+                save_head_checkpoint(self.model, tmp, {**meta, "train_layers": int(cfg.train_layers), "base_model": base,
+                                                       "backbone_key": self.backbone_key},
+                                     top=self.split.top_state_dict() if self.split is not None else None)
             else:
                 save_reward_model(self.model, self.loaded.tokenizer, tmp, {**meta, "train_layers": "all"})
             save_trainer_state(tmp, self.optimizer, self.scheduler, self.loss_fn, {})
