@@ -3,12 +3,14 @@ and 9), with learning rates chosen on a validation split and error bars over see
 
     python analyses/bt_vs_normbt.py --scale smoke     # a minute or two (MiniLM, demo set; run by the tests)
     python analyses/bt_vs_normbt.py --scale small     # SmolLM2-135M on ../shared/data, within 90 min on 2 cores
+    python analyses/bt_vs_normbt.py --scale top       # SmolLM2's top 2 blocks train too: Figure 9 (fewer pairs)
     python analyses/bt_vs_normbt.py --scale paper     # the paper's models and data; GPUs and hub access
 
 Stages, each kept by --resume once finished (a finished run is never redone):
 
-1. caches   (head-only scales) one forward of the frozen backbone over the training, validation and
-            evaluation pairs into the feature cache; every later run reads it.
+1. caches   (scales that freeze the backbone or its trunk) one forward of the frozen part over the
+            training, validation and evaluation pairs into the feature or trunk cache; every later
+            run reads it.
 2. sweep    BT over a learning-rate grid, then each other loss over three rates centred on BT's
             choice; each picked by validation pair accuracy only (gradscope.sweep).
 3. seeds    BT and NormBT at their chosen rates for every seed.
@@ -57,6 +59,12 @@ SCALES = {
                   one_seed=("label_smooth", "margin", "margin_out"),
                   train_layers="0", train=dict(batch_size=16, grad_accum=1, epochs=10, max_length=512, val_fraction=0.2,
                                                eval_steps=100), eval_max_length=512),
+    # the top 2 of SmolLM2's 30 blocks train as well, on the cached trunk, so the representation moves
+    # (Figure 9); each step runs 2 blocks forward and backward, so fewer pairs, rates and seeds than small
+    "top": dict(model="smollm2", train_data=TRAIN_SMALL, train_limit=300, eval_data=str(SHARED / "rewardbench-v1.jsonl"),
+                eval_limit=300, seeds=2, grid=[(lr, 0.0) for lr in (1e-3, 3e-3, 1e-2)], one_seed=(),
+                train_layers="2", train=dict(batch_size=16, grad_accum=1, epochs=2, max_length=512, val_fraction=0.2,
+                                             eval_steps=10), eval_max_length=512),
     "paper": dict(model="google/gemma-2b-it", train_data="Skywork/Skywork-Reward-Preference-80K-v0.2", train_limit=None,
                   eval_data=str(SHARED / "rewardbench-v1.jsonl"), eval_limit=None, seeds=3, grid=(3e-4, 1e-3, 3e-3),
                   one_seed=("label_smooth", "margin", "margin_out"), train_layers="all",
@@ -89,7 +97,7 @@ def main(argv=None) -> Path:
     base = TrainConfig(model=model, data=s["train_data"], limit=s["train_limit"], sample="stratified",
                        train_layers=s["train_layers"], progress=progress, loss="bt", **s["train"])
 
-    cache_info = build_caches(base, s, out, args.resume) if s["train_layers"] == "0" else None
+    cache_info = build_caches(base, s, out, args.resume) if s["train_layers"] != "all" else None
 
     # 2. sweep: BT over the grid, the others centred on BT's rate; validation only
     sweep_rows, chosen = [], {}
@@ -174,7 +182,8 @@ def publish(out: Path, dest: Path) -> None:
 
 
 def build_caches(base: TrainConfig, s: dict, out: Path, resume: bool) -> dict:
-    """One forward of the frozen backbone over every training, validation and evaluation pair."""
+    """One forward of the frozen backbone over every training, validation and evaluation pair, into
+    the feature cache (the head alone trains) or the trunk cache (the top K blocks train)."""
     info_file = out / "caches.json"
     if resume and info_file.exists():
         print(f"kept {info_file} (finished)")
@@ -185,14 +194,25 @@ def build_caches(base: TrainConfig, s: dict, out: Path, resume: bool) -> dict:
 
     t = time.perf_counter()
     loaded = load_model(base.model, dtype="float32", seed=base.seed)
-    store = FeatureStore.for_model(loaded.model, loaded.path)
-    info = {"store": str(store.root)}
+    k = int(base.train_layers)
+    if k:
+        from gradscope.trunk import TrunkStore, split_backbone
+
+        split = split_backbone(loaded.model, k)
+        store = TrunkStore.for_split(split)
+        fill = lambda enc: store.states(split, enc, pad_id=pad_token_id(loaded.tokenizer), progress=base.progress,  # noqa: E731
+                                        log=print)
+    else:
+        store = FeatureStore.for_model(loaded.model, loaded.path)
+        fill = lambda enc: store.states(loaded.model, enc, pad_id=pad_token_id(loaded.tokenizer),  # noqa: E731
+                                        progress=base.progress, log=print)
+    info = {"store": str(store.root), "train_layers": k}
     for name, data, limit, max_length in (("train", base.data, base.limit, base.max_length),
                                           ("eval", s["eval_data"], s["eval_limit"], s["eval_max_length"])):
         enc = PairEncoder(loaded.tokenizer, max_length=fit_max_length(loaded.model, max_length))
         encoded = [enc.encode(p) for p in load_pairs(data, fields=FieldNames(), limit=limit, sample="stratified")]
         missing = len(store.missing(encoded))
-        store.states(loaded.model, encoded, pad_id=pad_token_id(loaded.tokenizer), progress=base.progress, log=print)
+        fill(encoded)
         info[name] = {"pairs": len(encoded), "computed_now": missing, "truncated": sum(e.truncated for e in encoded)}
     info["seconds"] = round(time.perf_counter() - t, 1)
     write_json(info, info_file)
@@ -238,6 +258,11 @@ def validation_compare(base: TrainConfig, finals: dict[str, list[Path]], out: Pa
             scored = score_pairs(inputs.loaded, keep, feature_cache=True)
             scores[loss].append(scores_table(scored))
             dist = scored[["pair_id", "proxy_l2"]].rename(columns={"proxy_l2": "distance"})  # the frozen base's
+    if base.train_layers != "0":  # the runs moved the representation: the distance is the base model's
+        inputs = load_inputs(base, pairs=val)
+        keep = [e for e in inputs.encoded if not e.identical]
+        dist = score_pairs(inputs.loaded, keep, feature_cache=True)[["pair_id", "proxy_l2"]].rename(
+            columns={"proxy_l2": "distance"})
     regions = pair_regions(dist, bins=9)[0][["pair_id", "region"]]
     a, b = mean_correct(scores["bt"]), mean_correct(scores["normbt"])
     result = {"n_pairs": int(len(a)), "by_category": paired_bootstrap_diff(a, b),
@@ -316,11 +341,18 @@ def ci(d: dict) -> str:
     return f"{signed(d['diff_b_minus_a'])} [{signed(lo)}, {signed(hi)}]"
 
 
+def trained(caches: dict | None) -> str:
+    k = (caches or {}).get("train_layers", 0 if caches else None)
+    if k is None:
+        return "all parameters"
+    return "the reward head on the frozen backbone" if k == 0 else f"the top {k} blocks, the final norm and the head"
+
+
 def report(out: Path, study: dict, runs: pd.DataFrame, sweep_rows: pd.DataFrame, figs: dict, argv) -> None:
     names = [SECTION_NAMES.get(k, k.title()) for k in SECTIONS]
     c = study.get("caches") or {}
     lines = [f"# BT vs NormBT ({study['scale']})", "",
-             f"Model `{study['model']}` (trained: {'the reward head on the frozen backbone' if c else 'all parameters'}); "
+             f"Model `{study['model']}` (trained: {trained(c)}); "
              f"training `{study['train_data']}` ({study['train_limit'] or 'all'} pairs per file, stratified), "
              f"validation split by prompt; evaluation `{study['eval_data']}` ({study['n_eval_pairs']} pairs, "
              "stratified); learning rates chosen on validation accuracy only.", "",

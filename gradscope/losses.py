@@ -16,6 +16,11 @@ BEFORE the update with the current batch (the weights of step t use μ_t, then �
 on the first batch μ is first initialised to that batch's mean, so its weights average about 1).
 Under several processes the batch mean is the GLOBAL one (sum and count all-reduced), so two
 processes train exactly as one process on the same global batch.
+
+Exact-norm NormBT (``normbt_exact``): the same weight with the pair's full gradient norm
+‖∇θ(r_w - r_l)‖ in place of ‖Δh‖. The trainer computes that norm with the ghost engine in the
+same backward that yields the parameter gradient (``gradscope.train``); here it is one more field
+of the features.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class PairFeatures(NamedTuple):
     last_rejected: torch.Tensor  # (B, H)
     mean_chosen: torch.Tensor  # (B, H)
     mean_rejected: torch.Tensor  # (B, H)
+    grad_norm: torch.Tensor | None = None  # (B,) ‖∇θ(r_w - r_l)‖, where the trainer computed it
 
 
 class LossOutput(NamedTuple):
@@ -93,8 +99,15 @@ def last_cosine(f: PairFeatures) -> torch.Tensor:
     return cosine_distance(f.last_chosen, f.last_rejected)
 
 
-# the distances of gradscope.proxies (one definition, one epsilon), on a batch's features
-DISTANCES = {"last_l2": last_l2, "meanpool_l2": meanpool_l2, "cosine": last_cosine}
+def grad_norm(f: PairFeatures) -> torch.Tensor:
+    if f.grad_norm is None:
+        raise GradscopeError("this loss weights pairs by their exact gradient norm, which these features lack")
+    return f.grad_norm
+
+
+# the distances of gradscope.proxies (one definition, one epsilon), on a batch's features, and the
+# exact per-pair gradient norm
+DISTANCES = {"last_l2": last_l2, "meanpool_l2": meanpool_l2, "cosine": last_cosine, "grad_norm": grad_norm}
 
 
 def global_mean(x: torch.Tensor) -> torch.Tensor:
@@ -126,6 +139,10 @@ class PairLoss(nn.Module):
     @property
     def needs_margin(self) -> bool:
         return self.base in NEEDS_MARGIN
+
+    @property
+    def needs_grad_norm(self) -> bool:
+        return getattr(self, "distance", None) == "grad_norm"
 
     def base_loss(self, d: torch.Tensor, margin: torch.Tensor | None) -> torch.Tensor:
         if self.needs_margin and margin is None:
@@ -249,6 +266,16 @@ LOSSES: dict[str, LossSpec] = {
     "normbt+margin_out": LossSpec("NormBT weights × -m log σ(d)", _normbt("margin_out"), NORMBT_OPTIONS),
     "normbt+label_smooth": LossSpec("NormBT weights × label-smoothed BT", _normbt("label_smooth"),
                                     (*NORMBT_OPTIONS, "label_smoothing")),
+    "normbt_exact": LossSpec("(μ_t / (‖∇θ(r_w − r_l)‖ + ε))^α · -log σ(d): NormBT on the exact per-pair gradient "
+                             "norm, from the training step's own backward (ghost engine)",
+                             _normbt(distance="grad_norm"), NORMBT_OPTIONS),
+    "normbt_exact+margin": LossSpec("exact-norm NormBT weights × -log σ(d - m)", _normbt("margin", distance="grad_norm"),
+                                    NORMBT_OPTIONS),
+    "normbt_exact+margin_out": LossSpec("exact-norm NormBT weights × -m log σ(d)",
+                                        _normbt("margin_out", distance="grad_norm"), NORMBT_OPTIONS),
+    "normbt_exact+label_smooth": LossSpec("exact-norm NormBT weights × label-smoothed BT",
+                                          _normbt("label_smooth", distance="grad_norm"),
+                                          (*NORMBT_OPTIONS, "label_smoothing")),
 }
 
 

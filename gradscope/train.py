@@ -42,7 +42,7 @@ from .config import opt, reopt, versions
 from .cache import FeatureStore, backbone_key, head_forward
 from .data import EncodedPair, Pair, collate, split_by_prompt, stack_chosen_rejected
 from .errors import DataError, GradscopeError
-from .losses import LOSSES, PairFeatures, build_loss, effective_sample_size
+from .losses import LOSSES, PairFeatures, build_loss, effective_sample_size, last_l2
 from .inputs import DataOptions, ModelOptions, encode_pairs, load_inputs
 from .model import CHECKPOINT_META, RewardModel, pad_token_id, save_head_checkpoint, save_reward_model
 from .trunk import TopBlocks, TrunkStates, TrunkStore, split_backbone
@@ -264,6 +264,9 @@ class Trainer:
         self.pad = pad_token_id(self.loaded.tokenizer)
 
         self.net = self._trainable()
+        self.exact = self.loss_fn.needs_grad_norm
+        if self.exact:
+            self._check_exact(mixed)
         self.global_micro = cfg.batch_size * acc.num_processes
         self.per_epoch = len(self.encoded) // (self.global_micro * cfg.grad_accum)
         if self.per_epoch == 0:
@@ -341,6 +344,26 @@ class Trainer:
             acc.wait_for_everyone()
         return TopBlocks(model, self.split) if self.split is not None else HeadOnly(model)
 
+    def _check_exact(self, mixed: str) -> None:
+        """What exact-norm NormBT needs: every parameter trained, full precision, a model the ghost engine handles."""
+        from .gradients.ghost import check_supported
+
+        cfg = self.cfg
+        if cfg.train_layers != "all":
+            raise GradscopeError(f"--loss {cfg.loss} weights each pair by its gradient norm over every parameter: "
+                                 f"it trains with --train-layers all, not {cfg.train_layers}")
+        if mixed != "no":
+            raise GradscopeError(f"--loss {cfg.loss} runs in the weights' dtype: give --mixed-precision no")
+        try:
+            check_supported(self.model)
+        except GradscopeError as e:
+            raise GradscopeError(f"--loss {cfg.loss}: " + str(e).split("; use --engine")[0]) from None
+
+    def exact_micro_batch(self, idx: list[int], margin: torch.Tensor | None):
+        ids, mask = collate([self.encoded[i] for i in idx], pad_id=self.pad)  # (B, 2, T)
+        dev = self.acc.device
+        return exact_backward(self.model, self.loss_fn, ids.to(dev), mask.to(dev), margin, scale=1 / self.cfg.grad_accum)
+
     def _drop_identical(self, encoded: list[EncodedPair], what: str) -> tuple[list[EncodedPair], int]:
         # a pair whose sides are the same tokens (after truncation) has d = 0 and ∇d = 0 under every
         # model, so no loss here can learn from it; kept, it would only add a constant to the loss
@@ -399,35 +422,50 @@ class Trainer:
 
     def train_step(self, step: int) -> dict:
         cfg, acc = self.cfg, self.acc
-        losses, ds, dists, ws = [], [], [], []
+        losses, ds, dists, ws, gnorms = [], [], [], [], []
         for micro in range(cfg.grad_accum):
             mine, everyone = self.micro_batch(step, micro)
             margin = (torch.tensor([self.encoded[i].pair.margin for i in mine], dtype=self.model.head.weight.dtype,
                                    device=acc.device)
                       if self.loss_fn.needs_margin else None)
-            sync = acc.no_sync(self.net) if micro < cfg.grad_accum - 1 else nullcontext()
-            with sync, acc.autocast():
-                d, feats = self.forward(self.net, mine, self.encoded, self.states)
-                lo = self.loss_fn(d, feats, margin)
-                acc.backward(lo.loss / cfg.grad_accum)
+            if self.exact:
+                d, feats, lo = self.exact_micro_batch(mine, margin)
+            else:
+                sync = acc.no_sync(self.net) if micro < cfg.grad_accum - 1 else nullcontext()
+                with sync, acc.autocast():
+                    d, feats = self.forward(self.net, mine, self.encoded, self.states)
+                    lo = self.loss_fn(d, feats, margin)
+                    acc.backward(lo.loss / cfg.grad_accum)
             losses.append(lo.loss.detach())
-            g = acc.gather_for_metrics((d.detach(), lo.distance.detach(), lo.weights.detach()))
+            # exact-norm NormBT: ‖Δh‖ logged as the distance, the exact norm beside it
+            dist = last_l2(feats).detach() if self.exact else lo.distance.detach()
+            g = acc.gather_for_metrics((d.detach(), dist, lo.weights.detach(), lo.distance.detach()))
             ds.append(g[0])
             dists.append(g[1])
             ws.append(g[2])
+            gnorms.append(g[3])
             if cfg.log_pairs:
                 self.pair_log += [{"step": step + 1, T.PAIR_ID: self.encoded[i].pair.pair_id, "d": float(x),
-                                   "distance": float(y), "weight": float(w)}
-                                  for i, x, y, w in zip(everyone, g[0].tolist(), g[1].tolist(), g[2].tolist())]
+                                   "distance": float(y), "weight": float(w), **({"grad_norm": n} if self.exact else {})}
+                                  for i, x, y, w, n in zip(everyone, *(t.tolist() for t in g))]
+        if self.exact and acc.num_processes > 1:  # written by hand, so averaged by hand, as DDP would
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= acc.num_processes
         if cfg.max_grad_norm:
             acc.clip_grad_norm_(self.net.parameters(), cfg.max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss_val = float(acc.reduce(torch.stack(losses).mean(), reduction="mean"))
-        return {"step": step + 1, "loss": loss_val, "lr": self.scheduler.get_last_lr()[0],
-                "mu": self.loss_fn.state().get("mu", float("nan")),
-                **step_statistics(torch.cat(dists), torch.cat(ws), torch.cat(ds))}
+        row = {"step": step + 1, "loss": loss_val, "lr": self.scheduler.get_last_lr()[0],
+               "mu": self.loss_fn.state().get("mu", float("nan")),
+               **step_statistics(torch.cat(dists), torch.cat(ws), torch.cat(ds))}
+        if self.exact:
+            gn = torch.cat(gnorms).double().cpu()
+            row.update({f"gnorm_{k}": float(torch.quantile(gn, q)) for k, q in QUANTILES.items()}, gnorm_mean=float(gn.mean()))
+        return row
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -531,6 +569,28 @@ class Trainer:
             if rows:
                 first = rows[0]["step"]
                 T.write_parquet(pd.DataFrame(rows), self.out / LOG_DIR / f"{name}-{first:09d}-{step:09d}.parquet")
+
+
+def exact_backward(model: RewardModel, loss_fn, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   margin: torch.Tensor | None = None, scale: float = 1.0):
+    """Exact-norm NormBT on one micro-batch (B, 2, T), in one forward and one backward: the ghost
+    engine's backward of S = Σ_i d_i gives each pair's ‖∇θ d_i‖ and keeps every layer's inputs and
+    output gradients; the loss then gives c_i = scale · ∂loss/∂d_i (weights from those norms), and
+    ``weighted_grads`` adds Σ_i c_i ∇θ d_i into ``.grad`` from what was kept.
+    Returns (d (B,), PairFeatures with ``grad_norm``, LossOutput)."""
+    from .gradients import ENGINES
+    from .gradients.ghost import weighted_grads
+
+    kept: list = []
+    g = ENGINES["ghost"](model, input_ids, attention_mask, keep=kept)
+    dtype = torch.promote_types(g.rewards.dtype, torch.float32)
+    d = (g.rewards[:, 0] - g.rewards[:, 1]).to(dtype).requires_grad_(True)
+    feats = PairFeatures(*(x.to(dtype) for x in (g.last_hidden[:, 0], g.last_hidden[:, 1], g.mean_hidden[:, 0],
+                                                 g.mean_hidden[:, 1])), grad_norm=g.sq_norms.sum(1).sqrt().to(dtype))
+    lo = loss_fn(d, feats, margin)
+    (lo.loss * scale).backward()  # d.grad = c
+    weighted_grads(kept, d.grad)
+    return d.detach(), feats, lo
 
 
 def run_train(cfg: TrainConfig, log=print) -> dict:

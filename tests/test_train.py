@@ -113,18 +113,19 @@ def test_margin_loss_without_margins_is_a_clear_error(tiny_model_dir, tmp_path):
     assert not (tmp_path / "gradscope.json").exists()
 
 
-def test_two_processes_train_as_one_on_the_same_global_batch(tiny_model_dir, margin_data, tmp_path):
+@pytest.mark.parametrize("loss", ["normbt", "normbt_exact"])
+def test_two_processes_train_as_one_on_the_same_global_batch(tiny_model_dir, margin_data, tmp_path, loss):
     from test_correlate import free_port
 
     one = tmp_path / "one"
-    run_train(cfg(tiny_model_dir, margin_data, one, loss="normbt", batch_size=4, grad_accum=2, epochs=2),
+    run_train(cfg(tiny_model_dir, margin_data, one, loss=loss, batch_size=4, grad_accum=2, epochs=2),
               log=lambda m: None)
     two = tmp_path / "two"
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            "-m", "gradscope", "train", "--model", str(tiny_model_dir), "--data", str(margin_data), "--out", str(two),
-           "--loss", "normbt", "--batch-size", "2", "--grad-accum", "2", "--epochs", "2", "--lr", "2e-3",
+           "--loss", loss, "--batch-size", "2", "--grad-accum", "2", "--epochs", "2", "--lr", "2e-3",
            "--max-length", "384", "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -192,8 +192,11 @@ def _embedding_sq(ids: torch.Tensor, g: torch.Tensor, vocab: int) -> torch.Tenso
 class _Recorder:
     """Forward hooks that keep each module's input and hang a gradient hook on its output."""
 
-    def __init__(self, model: RewardModel, plan: dict, B: int, names: list[str], mask: torch.Tensor):
+    def __init__(self, model: RewardModel, plan: dict, B: int, names: list[str], mask: torch.Tensor,
+                 keep: bool = False):
         self.B = B
+        # with ``keep``, every module's (module, rule, input, output gradient) stays for weighted_grads
+        self.kept: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] | None = [] if keep else None
         self.col = {n: i for i, n in enumerate(names)}
         self.sq = torch.zeros(B, len(names), dtype=torch.float64, device=mask.device)
         self.mask = mask  # (2B, T) token mask; the head sees one pooled "token" per row
@@ -237,28 +240,61 @@ class _Recorder:
                 if mod.padding_idx is not None:  # torch gives the padding_idx row no gradient
                     g = g * (x != mod.padding_idx)[..., None].to(g.dtype)
                 self._add(name, "weight", _embedding_sq(_pairs(x, B), _pairs(g, B), mod.num_embeddings))
+                if self.kept is not None:
+                    self.kept.append((mod, rule, x, g))
                 return None
             if x.dim() > 2:  # (2B, T, d) token positions: padding carries no gradient
                 xs, gs = x, g * self.mask[..., None].to(g.dtype)
             else:  # the head: one pooled state per row, (2B, 1, H)
                 xs, gs = x[:, None], g[:, None]
+            if self.kept is not None:
+                self.kept.append((mod, rule, xs, gs))
             if rule in ("linear", "conv1d"):
                 self._add(name, "weight", _linear_sq(xs, gs, B))
                 if getattr(mod, "bias", None) is not None:
                     self._add(name, "bias", _pair_sum_sq(gs, B))
             else:  # affine norm
-                bias = getattr(mod, "bias", None)
-                with torch.no_grad():
-                    one, zero = torch.ones_like(mod.weight), torch.zeros_like(mod.weight)
-                    p1 = {"weight": one, **({"bias": torch.zeros_like(bias)} if bias is not None else {})}
-                    p0 = {**p1, "weight": zero}
-                    dy_dw = functional_call(mod, p1, (xs,)) - functional_call(mod, p0, (xs,))  # (2B, T, d)
-                self._add(name, "weight", _pair_sum_sq(dy_dw * gs, B))
-                if bias is not None:
+                self._add(name, "weight", _pair_sum_sq(_norm_dy_dw(mod, xs) * gs, B))  # ∂y/∂γ: (2B, T, d)
+                if getattr(mod, "bias", None) is not None:
                     self._add(name, "bias", _pair_sum_sq(gs, B))
             return None
 
         return on_grad
+
+
+def _norm_dy_dw(mod: nn.Module, xs: torch.Tensor) -> torch.Tensor:
+    """∂y/∂γ of an affine norm at every position: f(x; γ=1, β=0) - f(x; γ=0, β=0), by the module's own forward."""
+    bias = getattr(mod, "bias", None)
+    with torch.no_grad():
+        one, zero = torch.ones_like(mod.weight), torch.zeros_like(mod.weight)
+        p1 = {"weight": one, **({"bias": torch.zeros_like(bias)} if bias is not None else {})}
+        return functional_call(mod, p1, (xs,)) - functional_call(mod, {**p1, "weight": zero}, (xs,))
+
+
+def weighted_grads(kept: list, c: torch.Tensor) -> None:
+    """Add Σ_i c_i ∇θ(r_w - r_l)_i into every parameter's ``.grad``, from the inputs and output
+    gradients a backward of S = Σ_i (r_w - r_l)_i kept (``_Recorder(keep=True)``): each row's
+    output gradient is scaled by its pair's c (rows [chosen; rejected], the sign is already in g),
+    then each layer's usual weight-gradient product (linear, Conv1D), scatter-add (embedding) or
+    elementwise reduction (norm) runs once. c: (B,)."""
+    def add(p: torch.Tensor, value: torch.Tensor) -> None:
+        value = value.to(p.dtype)
+        p.grad = value if p.grad is None else p.grad + value
+
+    rows = torch.cat([c, c])  # (2B,)
+    for mod, rule, x, g in kept:
+        gc = g * rows.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
+        if rule == "embedding":
+            add(mod.weight, torch.zeros_like(mod.weight).index_add_(0, x.reshape(-1), gc.reshape(-1, gc.shape[-1])))
+            continue
+        if rule == "linear":
+            add(mod.weight, torch.einsum("nlo,nli->oi", gc, x))
+        elif rule == "conv1d":
+            add(mod.weight, torch.einsum("nli,nlo->io", x, gc))
+        else:  # affine norm
+            add(mod.weight, (_norm_dy_dw(mod, x) * gc).sum((0, 1)))
+        if getattr(mod, "bias", None) is not None:
+            add(mod.bias, gc.sum((0, 1)))
 
 
 @contextlib.contextmanager
@@ -274,14 +310,16 @@ def _frozen(model: nn.Module):
 
 
 def ghost_engine(model: RewardModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 **_ignored) -> PairGrads:
-    """input_ids, attention_mask: (B, 2, T). One forward and one backward over all 2B rows."""
+                 keep: list | None = None, **_ignored) -> PairGrads:
+    """input_ids, attention_mask: (B, 2, T). One forward and one backward over all 2B rows. Given a
+    list ``keep``, every layer's input and output gradient are appended to it, for
+    :func:`weighted_grads` (the parameter gradient of any per-pair weighting, with no second pass)."""
     plan = check_supported(model)
     names = parameter_names(model)
     B = input_ids.shape[0]
     ids = torch.cat([input_ids[:, 0], input_ids[:, 1]])  # (2B, T) [chosen; rejected]
     mask = torch.cat([attention_mask[:, 0], attention_mask[:, 1]])
-    rec = _Recorder(model, plan, B, names, mask)
+    rec = _Recorder(model, plan, B, names, mask, keep=keep is not None)
     try:
         with _frozen(model), torch.enable_grad():
             out = model(ids, mask)
@@ -292,6 +330,8 @@ def ghost_engine(model: RewardModel, input_ids: torch.Tensor, attention_mask: to
             torch.autograd.grad(S, rec.leaves)
     finally:
         rec.close()
+    if keep is not None:
+        keep += rec.kept
     rewards = torch.stack([out.rewards[:B], out.rewards[B:]], dim=1).detach()  # (B, 2)
     last = torch.stack([out.last_hidden[:B], out.last_hidden[B:]], dim=1).detach()  # (B, 2, H)
     mean = torch.stack([out.mean_hidden[:B], out.mean_hidden[B:]], dim=1).detach()
