@@ -67,7 +67,7 @@ SCALES = {
                                              eval_steps=10), eval_max_length=512),
     "paper": dict(model="google/gemma-2b-it", train_data="Skywork/Skywork-Reward-Preference-80K-v0.2", train_limit=None,
                   eval_data=str(SHARED / "rewardbench-v1.jsonl"), eval_limit=None, seeds=3, grid=(3e-4, 1e-3, 3e-3),
-                  one_seed=("label_smooth", "margin", "margin_out"), train_layers="all",
+                  one_seed=("normbt_exact", "label_smooth", "margin", "margin_out"), train_layers="all",
                   train=dict(batch_size=8, grad_accum=4, epochs=1, max_length=4096, val_fraction=0.05),
                   eval_max_length=4096),
 }

@@ -115,17 +115,16 @@ def measure_memory(case: str, engine: str, chunk: int | None, device: str) -> fl
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _memory_child(case: str, engine: str, chunk: int, device: str) -> None:
-    model, ids, mask = build_case(case, device)
-    fn = runner(engine, chunk or None)
+def peak_extra_mb(fn, device: str) -> float:
+    """Peak memory of ``fn()`` above the memory just before it, in MB: on CUDA the allocator's
+    maximum; on CPU the resident memory sampled every 2 ms while it runs."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        fn(model, ids, mask)
+        fn()
         torch.cuda.synchronize()
-        print((torch.cuda.max_memory_allocated() - base) / 2**20)
-        return
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
     base = rss_mb()
     peak = [base]
     done = threading.Event()
@@ -137,10 +136,16 @@ def _memory_child(case: str, engine: str, chunk: int, device: str) -> None:
 
     t = threading.Thread(target=poll, daemon=True)
     t.start()
-    fn(model, ids, mask)
+    fn()
     done.set()
     t.join()
-    print(max(peak[0], rss_mb()) - base)
+    return max(peak[0], rss_mb()) - base
+
+
+def _memory_child(case: str, engine: str, chunk: int, device: str) -> None:
+    model, ids, mask = build_case(case, device)
+    fn = runner(engine, chunk or None)
+    print(peak_extra_mb(lambda: fn(model, ids, mask), device))
 
 
 def bench_case(case: str, rounds: int, device: str, engines: list[str]) -> list[dict]:
