@@ -195,8 +195,9 @@ class _Recorder:
     def __init__(self, model: RewardModel, plan: dict, B: int, names: list[str], mask: torch.Tensor,
                  keep: bool = False):
         self.B = B
-        # with ``keep``, every module's (module, rule, input, output gradient) stays for weighted_grads
-        self.kept: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] | None = [] if keep else None
+        # with ``keep``, every module's (name, module, rule, input, output gradient) stays, for
+        # weighted_grads and the alignment Gram
+        self.kept: list[tuple[str, nn.Module, str, torch.Tensor, torch.Tensor]] | None = [] if keep else None
         self.col = {n: i for i, n in enumerate(names)}
         self.sq = torch.zeros(B, len(names), dtype=torch.float64, device=mask.device)
         self.mask = mask  # (2B, T) token mask; the head sees one pooled "token" per row
@@ -241,14 +242,14 @@ class _Recorder:
                     g = g * (x != mod.padding_idx)[..., None].to(g.dtype)
                 self._add(name, "weight", _embedding_sq(_pairs(x, B), _pairs(g, B), mod.num_embeddings))
                 if self.kept is not None:
-                    self.kept.append((mod, rule, x, g))
+                    self.kept.append((name, mod, rule, x, g))
                 return None
             if x.dim() > 2:  # (2B, T, d) token positions: padding carries no gradient
                 xs, gs = x, g * self.mask[..., None].to(g.dtype)
             else:  # the head: one pooled state per row, (2B, 1, H)
                 xs, gs = x[:, None], g[:, None]
             if self.kept is not None:
-                self.kept.append((mod, rule, xs, gs))
+                self.kept.append((name, mod, rule, xs, gs))
             if rule in ("linear", "conv1d"):
                 self._add(name, "weight", _linear_sq(xs, gs, B))
                 if getattr(mod, "bias", None) is not None:
@@ -282,7 +283,7 @@ def weighted_grads(kept: list, c: torch.Tensor) -> None:
         p.grad = value if p.grad is None else p.grad + value
 
     rows = torch.cat([c, c])  # (2B,)
-    for mod, rule, x, g in kept:
+    for _, mod, rule, x, g in kept:
         gc = g * rows.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
         if rule == "embedding":
             add(mod.weight, torch.zeros_like(mod.weight).index_add_(0, x.reshape(-1), gc.reshape(-1, gc.shape[-1])))

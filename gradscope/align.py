@@ -1,0 +1,170 @@
+"""Gradient direction: exact pair × pair inner products K_ij = ⟨∇θ(r_w − r_l)_i, ∇θ(r_w − r_l)_j⟩.
+
+The paper measures only update magnitudes. Whether small-distance pairs' updates point where the
+large ones' do (then reweighting changes speed only) or elsewhere (then BT's batch gradient
+ignores them) is a question about directions: the Gram matrix K of the per-pair gradients, over
+every parameter and per block. No per-pair gradient is ever stored whole.
+
+One forward and one backward of S = Σ_i d_i over a tile of pairs (the ghost engine, keeping every
+layer's inputs a and output gradients g; rows [chosen; rejected], the sign already in g) give, per
+layer, the pair gradients' inner products:
+
+* linear / Conv1D weight: per pair G_i = Σ_{t∈i} g_t a_tᵀ, so K_ij = Σ_{t∈i, s∈j} (a_t·a_s)(g_t·g_s).
+  Either the Gram form over token pairs (cost B² n² (d_in + d_out)) or the pair gradients
+  instantiated (B n d_in d_out, then B² d_in d_out; chunked so that at most ``MAX_ELEMENTS`` of
+  them exist at once), whichever costs fewer operations for that layer;
+* biases and norm weights: per pair a vector (Σ_t g_t, Σ_t g_t ⊙ ∂y_t/∂γ), K = P Pᵀ;
+* embedding: per pair the rows Σ_{t: id_t = v} g_t; only pairs sharing a token id meet, id by id.
+
+The diagonal is the squared per-pair norm of the ghost engine, the very numbers ``correlate``
+reports. Pairs beyond one tile go in tiles: every pair of tiles runs once, together, so memory is
+bounded by two tiles, not by N. A pair whose two sides are the same tokens has ∇d = 0: its row and
+column are 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .data import EncodedPair, collate
+from .gradients import ENGINES, block_of, block_order, identical_pairs
+from .gradients.ghost import _norm_dy_dw, _pairs
+from .model import RewardModel
+
+MAX_ELEMENTS = 1 << 26  # elements of instantiated pair gradients (or token Gram blocks) at a time
+LINEAR_METHOD = "auto"  # or "gram" / "instantiate" (the tests take both paths)
+
+
+@dataclass
+class Alignment:
+    """Exact gradient inner products of N pairs (input order), in float64."""
+
+    gram: np.ndarray  # (N, N) over every parameter
+    blocks: dict[str, np.ndarray]  # block name (embedding, layer.N, final_norm, head) -> (N, N)
+    d: np.ndarray  # (N,) r_w - r_l
+    distance: np.ndarray  # (N,) ‖h_w - h_l‖ of the pooled states (the head's input)
+
+    def cosine(self) -> np.ndarray:
+        """(N, N) cosine of the pair gradients (0 where a gradient is 0)."""
+        n = np.sqrt(np.clip(np.diag(self.gram), 0, None))
+        denom = np.outer(n, n)
+        return np.divide(self.gram, denom, out=np.zeros_like(self.gram), where=denom > 0)
+
+
+# ------------------------------------------------------------------------------------ per layer
+
+
+def _linear_gram(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """a (B, n, d_in), g (B, n, d_out), tokens of both sides per pair -> (B, B) ⟨G_i, G_j⟩."""
+    B, n, d_in = a.shape
+    d_out = g.shape[-1]
+    out = torch.zeros(B, B, dtype=torch.float64, device=a.device)
+    gram = B * n * n * (d_in + d_out) < n * d_in * d_out + B * d_in * d_out
+    if LINEAR_METHOD == "gram" or (gram and LINEAR_METHOD == "auto"):  # Gram form over token pairs
+        step = max(1, int((MAX_ELEMENTS / max(1, n * n)) ** 0.5))
+        for i in range(0, B, step):
+            for j in range(i, B, step):
+                aa = torch.einsum("ind,jmd->ijnm", a[i:i + step], a[j:j + step])
+                gg = torch.einsum("ind,jmd->ijnm", g[i:i + step], g[j:j + step])
+                block = (aa * gg).sum((2, 3), dtype=torch.float64)
+                out[i:i + step, j:j + step] = block
+                out[j:j + step, i:i + step] = block.T
+        return out
+    step = max(1, MAX_ELEMENTS // (2 * d_in * d_out))  # two chunks of pair gradients at a time
+    grads = lambda s: torch.einsum("bno,bni->boi", g[s:s + step], a[s:s + step]).reshape(-1, d_in * d_out)  # noqa: E731
+    for i in range(0, B, step):
+        gi = grads(i)
+        for j in range(i, B, step):
+            gj = gi if j == i else grads(j)
+            block = (gi @ gj.T).double()
+            out[i:i + step, j:j + step] = block
+            out[j:j + step, i:i + step] = block.T
+    return out
+
+
+def _vector_gram(v: torch.Tensor) -> torch.Tensor:
+    """v (B, n, d) per-token contributions -> (B, B) inner products of their per-pair sums."""
+    s = v.sum(1, dtype=torch.float64)
+    return s @ s.T
+
+
+def _embedding_gram(ids: torch.Tensor, g: torch.Tensor, vocab: int) -> torch.Tensor:
+    """ids (B, n), g (B, n, d) -> (B, B): rows of equal ids summed per pair, then matched across pairs."""
+    B, n, d = g.shape
+    key = (torch.arange(B, device=ids.device)[:, None] * vocab + ids).reshape(-1)
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    rows = torch.zeros(len(uniq), d, dtype=torch.float64, device=g.device).index_add_(
+        0, inverse, g.reshape(-1, d).double())  # (U, d) per (pair, id)
+    pair, token = torch.div(uniq, vocab, rounding_mode="floor"), uniq % vocab
+    out = torch.zeros(B, B, dtype=torch.float64, device=g.device)
+    order = torch.argsort(token, stable=True)
+    _, counts = torch.unique_consecutive(token[order], return_counts=True)
+    for group in torch.split(order, counts.tolist()):
+        p, r = pair[group], rows[group]
+        out[p[:, None], p[None, :]] += r @ r.T  # a pair appears once per id: no index repeats
+    return out
+
+
+def _module_grams(kept: list, B: int) -> dict[str, torch.Tensor]:
+    """Parameter name -> (B, B) from the ghost engine's kept (name, module, rule, a, g)."""
+    out = {}
+    for name, mod, rule, x, g in kept:
+        full = lambda p: f"{name}.{p}" if name else p  # noqa: E731
+        if rule == "embedding":
+            out[full("weight")] = _embedding_gram(_pairs(x, B), _pairs(g, B), mod.num_embeddings)
+            continue
+        a, gp = _pairs(x, B), _pairs(g, B)
+        if rule in ("linear", "conv1d"):
+            out[full("weight")] = _linear_gram(a, gp)
+        else:  # affine norm
+            out[full("weight")] = _vector_gram(_pairs(_norm_dy_dw(mod, x) * g, B))
+        if getattr(mod, "bias", None) is not None:
+            out[full("bias")] = _vector_gram(gp)
+    return out
+
+
+def tile_alignment(model: RewardModel, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """One tile (B, 2, T): (parameter name -> (B, B) inner products, the engine's PairGrads)."""
+    kept: list = []
+    pg = ENGINES["ghost"](model, input_ids, attention_mask, keep=kept)
+    grams = _module_grams(kept, input_ids.shape[0])
+    for i, name in enumerate(pg.names):  # the diagonal: the ghost engine's own squared norms
+        grams[name].diagonal().copy_(pg.sq_norms[:, i])
+    same = identical_pairs(input_ids, attention_mask).to(pg.sq_norms.device)
+    for k in grams.values():  # ∇d = 0 for a pair whose sides are the same tokens
+        k[same] = 0.0
+        k[:, same] = 0.0
+    return grams, pg
+
+
+def compute_alignment(model: RewardModel, encoded: list[EncodedPair], *, pad_id: int = 0, tile: int = 64,
+                      progress: bool = False) -> Alignment:
+    """Exact K over every parameter and per block for ``encoded`` (input order), ``tile`` pairs a pass
+    at most twice over (each pair of tiles runs together once; a single tile runs alone)."""
+    from tqdm.auto import tqdm
+
+    N = len(encoded)
+    tiles = [list(range(s, min(s + tile, N))) for s in range(0, N, tile)]
+    passes = [(a, b) for a in range(len(tiles)) for b in range(a + 1, len(tiles))] or [(0, 0)]
+    dev = next(model.parameters()).device
+    blocks: dict[str, np.ndarray] = {}
+    d, dist = np.zeros(N), np.zeros(N)
+    for a, b in tqdm(passes, desc="align", unit="tile pair", disable=not progress, dynamic_ncols=True):
+        idx = tiles[a] + (tiles[b] if b != a else [])
+        ids, mask = collate([encoded[i] for i in idx], pad_id=pad_id)
+        grams, pg = tile_alignment(model, ids.to(dev), mask.to(dev))
+        per_block: dict[str, torch.Tensor] = {}
+        for name, k in grams.items():
+            blk = block_of(name)
+            per_block[blk] = per_block[blk] + k if blk in per_block else k
+        ix = np.array(idx)
+        for blk, k in per_block.items():
+            full = blocks.setdefault(blk, np.zeros((N, N)))
+            full[np.ix_(ix, ix)] = k.cpu().numpy()  # the two tiles and their cross block
+        d[ix] = (pg.rewards[:, 0] - pg.rewards[:, 1]).double().cpu().numpy()
+        dist[ix] = (pg.last_hidden[:, 0] - pg.last_hidden[:, 1]).double().norm(dim=-1).cpu().numpy()
+    blocks = {k: blocks[k] for k in block_order(list(blocks))}
+    return Alignment(sum(blocks.values()), blocks, d, dist)

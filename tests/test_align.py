@@ -1,0 +1,92 @@
+"""gradscope align: the exact Gram of per-pair gradients against per-pair gradients materialised by autograd."""
+
+import numpy as np
+import pytest
+import torch
+from test_cache import ENCODED
+from tiny import tiny_reward_model
+
+from gradscope.align import compute_alignment
+from gradscope.data import EncodedPair, Pair, collate, stack_chosen_rejected
+from gradscope.gradients import block_of
+
+KINDS = ["llama", "gpt2", "bert"]
+P = Pair("p", (), (), "", "all")
+
+
+@pytest.fixture
+def float64_rmsnorm(monkeypatch):
+    """HF's LlamaRMSNorm normalises in float32 even in a float64 model; in float64 here, so that the
+    comparison sees the algebra, not that rounding."""
+    from transformers.models.llama import modeling_llama
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", forward)
+
+
+def pairs():
+    g = torch.Generator().manual_seed(4)
+    extra = []
+    for _ in range(4):  # a shared prompt and different responses, as in preference data
+        prompt = torch.randint(1, 60, (5,), generator=g).tolist()
+        extra.append(EncodedPair(P, tuple(prompt + torch.randint(1, 60, (4,), generator=g).tolist()),
+                                 tuple(prompt + torch.randint(1, 60, (3,), generator=g).tolist()), False))
+    return [e for e in ENCODED] + extra
+
+
+def reference(model, encoded):
+    """Per block, G Gᵀ of per-pair gradients materialised one pair at a time by autograd."""
+    names = [n for n, _ in model.named_parameters()]
+    params = [p for _, p in model.named_parameters()]
+    per_block: dict[str, list] = {}
+    for e in encoded:
+        ids, mask = collate([e])
+        o = model(stack_chosen_rejected(ids), stack_chosen_rejected(mask))
+        grads = torch.autograd.grad(o.rewards[0] - o.rewards[1], params, allow_unused=True)
+        flat: dict[str, list] = {}
+        for n, p, g in zip(names, params, grads):
+            flat.setdefault(block_of(n), []).append((g if g is not None else torch.zeros_like(p)).reshape(-1))
+        for b, parts in flat.items():
+            per_block.setdefault(b, []).append(torch.cat(parts))
+    return {b: (torch.stack(v) @ torch.stack(v).T).numpy() for b, v in per_block.items()}
+
+
+@pytest.mark.parametrize("method,tile,max_elements", [("instantiate", 64, 1 << 26), ("gram", 3, 1 << 26),
+                                                     ("instantiate", 3, 600), ("gram", 64, 2000)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_gram_equals_materialised_per_pair_gradients_float64(kind, method, tile, max_elements, float64_rmsnorm,
+                                                             monkeypatch):
+    """Both ways of a linear layer (token Gram, instantiated pair gradients), chunked or not, one
+    tile or pairs of tiles."""
+    import gradscope.align as align
+
+    monkeypatch.setattr(align, "LINEAR_METHOD", method)
+    monkeypatch.setattr(align, "MAX_ELEMENTS", max_elements)
+    model = tiny_reward_model(kind, dtype=torch.float64)
+    enc = pairs()
+    ref = reference(model, enc)
+    got = compute_alignment(model, enc, tile=tile)
+    assert set(got.blocks) == set(ref)
+    scale = max(np.abs(k).max() for k in ref.values())
+    for b, k in ref.items():
+        np.testing.assert_allclose(got.blocks[b], k, rtol=1e-8, atol=1e-12 * scale, err_msg=b)
+    np.testing.assert_allclose(got.gram, sum(ref.values()), rtol=1e-8, atol=1e-12 * scale)
+    # the pair whose sides are the same tokens has a zero row and column; the matrix is a Gram matrix
+    same = [i for i, e in enumerate(enc) if e.chosen_ids == e.rejected_ids]
+    assert same and all((got.gram[i] == 0).all() and (got.gram[:, i] == 0).all() for i in same)
+    assert np.linalg.eigvalsh(got.gram).min() > -1e-10 * scale
+    cos = got.cosine()
+    assert np.allclose(np.diag(cos)[[i for i in range(len(enc)) if i not in same]], 1)
+
+
+def test_the_diagonal_is_correlates_squared_norm():
+    from gradscope.gradients import ENGINES
+
+    model = tiny_reward_model("gpt2", dtype=torch.float64)
+    enc = pairs()
+    got = compute_alignment(model, enc, tile=4)
+    ids, mask = collate(enc)
+    sq = ENGINES["ghost"](model, ids, mask).sq_norms.sum(1).numpy()
+    np.testing.assert_allclose(np.diag(got.gram), sq, rtol=1e-12, atol=0)
