@@ -24,14 +24,20 @@ column are 0.
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from .config import opt, reopt, versions
 from .data import EncodedPair, collate
+from .errors import GradscopeError
 from .gradients import ENGINES, block_of, block_order, identical_pairs
 from .gradients.ghost import _norm_dy_dw, _pairs
+from .inputs import DataOptions, ModelOptions
 from .model import RewardModel
 
 MAX_ELEMENTS = 1 << 26  # elements of instantiated pair gradients (or token Gram blocks) at a time
@@ -168,3 +174,131 @@ def compute_alignment(model: RewardModel, encoded: list[EncodedPair], *, pad_id:
         dist[ix] = (pg.last_hidden[:, 0] - pg.last_hidden[:, 1]).double().norm(dim=-1).cpu().numpy()
     blocks = {k: blocks[k] for k in block_order(list(blocks))}
     return Alignment(sum(blocks.values()), blocks, d, dist)
+
+
+# ------------------------------------------------------------------------------------- the command
+
+
+@dataclass
+class AlignConfig(ModelOptions, DataOptions):
+    """Options of `gradscope align` (the model and data options are the shared ones)."""
+
+    out: str = opt("results/align", "Output directory: gram.npy, gram_blocks.npz, align_pairs.parquet, align.json, "
+                   "figures.")
+    limit: int | None = reopt(DataOptions, "limit", 128)
+    tile: int = opt(64, "Pairs per tile: memory is bounded by two tiles (each pair of tiles runs together once).")
+    n_boot: int = opt(999, "Bootstrap resamples for the category × category mean cosines.")
+    progress: bool = opt(True, "Show a progress bar.")
+
+    def validate(self) -> None:
+        if self.tile < 1:
+            raise GradscopeError("--tile must be at least 1")
+
+
+def aggregate_weights(d: np.ndarray, distance: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-pair coefficients of the batch update direction Σ_j c_j ∇d_j (minus the batch loss's gradient,
+    up to 1/N): BT's c = 1 − σ(d), NormBT's c = (1 − σ(d)) μ / (‖Δh‖ + ε), μ the batch-mean distance.
+    A pair whose gradient has a positive cosine with it gains margin from the batch's step."""
+    from .losses import EPS
+
+    bt = 1 - 1 / (1 + np.exp(-d))
+    return {"bt": bt, "normbt": bt * distance.mean() / (distance + EPS)}
+
+
+def alignment_summary(al: Alignment, categories: list[str], n_boot: int = 999, seed: int = 0):
+    """(per-pair table columns, summary dict): cosines with the BT and NormBT batch gradients,
+    category × category mean cosines with bootstrap intervals, the eigenvalue spectrum."""
+    from scipy import stats
+
+    K, cos = al.gram, al.cosine()
+    norms = np.sqrt(np.clip(np.diag(K), 0, None))
+    coef = aggregate_weights(al.d, al.distance)
+    cols, agg = {}, {}
+    for name, c in coef.items():
+        Kc = K @ c
+        total = float(c @ Kc)
+        cols[f"cos_{name}"] = np.divide(Kc, norms * np.sqrt(max(total, 0)), out=np.zeros_like(Kc), where=norms > 0)
+        cols[f"coef_{name}"] = c
+        agg[name] = {"norm": float(np.sqrt(max(total, 0))), "c": c, "Kc": Kc, "total": total}
+    cats = np.array(categories)
+    levels = list(dict.fromkeys(c for c in ordered(categories)))
+    share = {name: {cat: float((a["c"] * a["Kc"])[cats == cat].sum() / a["total"]) if a["total"] > 0 else float("nan")
+                    for cat in levels} for name, a in agg.items()}
+    bt, nbt = agg["bt"], agg["normbt"]
+    cos_agg = float(bt["c"] @ nbt["Kc"] / (bt["norm"] * nbt["norm"])) if bt["norm"] and nbt["norm"] else float("nan")
+    rng = np.random.default_rng(seed)
+    matrix = {}
+    for a in levels:
+        for b in levels:
+            ia, ib = np.flatnonzero(cats == a), np.flatnonzero(cats == b)
+
+            def mean_cos(x, y=None, axis=-1):
+                x = x.astype(int)
+                y = x if y is None else y.astype(int)
+                sub = cos[np.ix_(x, y)]
+                off = x[:, None] != y[None, :]  # a pair against itself is not an alignment
+                return sub[off].mean() if off.any() else np.nan
+
+            est = mean_cos(ia.astype(float), None if a == b else ib.astype(float))
+            ci = [np.nan, np.nan]
+            if len(ia) > 2 and len(ib) > 2 and n_boot:
+                samples = (ia.astype(float),) if a == b else (ia.astype(float), ib.astype(float))
+                res = stats.bootstrap(samples, mean_cos, n_resamples=n_boot, vectorized=False, method="percentile",
+                                      random_state=rng)
+                ci = [float(res.confidence_interval.low), float(res.confidence_interval.high)]
+            matrix.setdefault(a, {})[b] = {"mean_cosine": float(est), "ci95": ci, "n": [int(len(ia)), int(len(ib))]}
+    lam = np.clip(np.linalg.eigvalsh(K)[::-1], 0, None)
+    p = lam / lam.sum() if lam.sum() > 0 else lam
+    nz = p[p > 0]
+    summary = {"category_cosine": matrix, "cosine_bt_normbt_aggregates": cos_agg,
+               "share_of_aggregate_sq_norm": share,
+               "spectrum": {"eigenvalues_top": lam[:20].tolist(), "effective_rank": float(np.exp(-(nz * np.log(nz)).sum())),
+                            "participation_ratio": float(lam.sum() ** 2 / (lam ** 2).sum()) if lam.any() else float("nan")}}
+    return cols, summary
+
+
+def ordered(categories) -> list[str]:
+    from .plotting import ordered_categories
+
+    return ordered_categories(categories)
+
+
+def run_align(cfg: AlignConfig, log=print) -> dict:
+    """Compute K for the pairs of ``cfg``, write the tables (atomically) and the figures; return align.json."""
+    import pandas as pd
+
+    from . import tables as T
+    from .inputs import load_inputs
+    from .model import pad_token_id
+
+    cfg.validate()
+    t0 = time.perf_counter()
+    inputs = load_inputs(cfg, log=log)
+    enc = inputs.encoded
+    al = compute_alignment(inputs.loaded.model, enc, pad_id=pad_token_id(inputs.loaded.tokenizer), tile=cfg.tile,
+                           progress=cfg.progress)
+    out = Path(cfg.out)
+    ids = [e.pair.pair_id for e in enc]
+    cats = [e.pair.category for e in enc]
+    cols, summary = alignment_summary(al, cats, cfg.n_boot, cfg.seed)
+    pairs = pd.DataFrame({T.PAIR_ID: ids, T.SUBSET: [e.pair.subset for e in enc], T.CATEGORY: cats,
+                          "d": al.d, T.PROXY_L2: al.distance, "grad_norm": np.sqrt(np.clip(np.diag(al.gram), 0, None)),
+                          "identical": [e.identical for e in enc], **cols})
+    def write_with(save):  # numpy names a path it is given; a file handle keeps the temporary name
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                save(f)
+        return write
+
+    T.atomic_write_bytes(out / "gram.npy", write_with(lambda f: np.save(f, al.gram, allow_pickle=False)))
+    T.atomic_write_bytes(out / "gram_blocks.npz", write_with(lambda f: np.savez(f, **al.blocks)))
+    T.write_json(ids, out / "gram_pair_ids.json")
+    T.write_parquet(pairs, out / "align_pairs.parquet")
+    summary = {"model": cfg.model, "data": cfg.data, "n_pairs": len(enc), "tile": cfg.tile,
+               "blocks": list(al.blocks), "seconds": round(time.perf_counter() - t0, 2), **summary,
+               "config": dataclasses.asdict(cfg), "versions": versions()}
+    T.write_json(summary, out / "align.json")
+    from .plots.align import plot_alignment
+
+    plot_alignment(out)
+    return summary

@@ -92,6 +92,22 @@ examples:
   gradscope compare bt-s1,bt-s2,bt-s3 nbt-s1,nbt-s2,nbt-s3 --distances results/base/pairs.parquet
 """
 
+ALIGN_DESCRIPTION = """\
+For N pairs, the exact inner products K_ij = <∇θ(r_w - r_l)_i, ∇θ(r_w - r_l)_j> over every parameter
+and per block, without storing a per-pair gradient: one forward and one backward per tile of pairs
+(pairs of tiles run together, so memory is bounded by two tiles), each layer's inner products from
+its inputs and output gradients. Writes gram.npy (K, float64, input order; gram_pair_ids.json beside
+it), gram_blocks.npz (K per block), align_pairs.parquet (per pair: distance, norm, cosine with the BT
+and the NormBT batch gradient), align.json (category x category mean cosines with bootstrap
+intervals, the spectrum of K, the cosine of the two batch gradients, each category's share of them)
+and figures/. The diagonal of K is correlate's grad_norm squared."""
+
+ALIGN_EPILOG = """\
+examples:
+  gradscope align --data ../shared/data/rewardbench-v1.jsonl --limit 128 --sample stratified --out results/align
+  gradscope align --model runs/bt --data ../shared/data/train-reasoning.jsonl --limit 64 --dtype float64
+"""
+
 
 def _unwrap_optional(tp):
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
@@ -148,6 +164,8 @@ CONFIG_COMMANDS = {
                  "evaluate:EvaluateConfig"),
     "compare": ("where two models disagree, binned by representation distance", COMPARE_DESCRIPTION,
                 COMPARE_EPILOG, "compare:CompareConfig"),
+    "align": ("exact pair × pair gradient inner products (directions, not only norms)", ALIGN_DESCRIPTION,
+              ALIGN_EPILOG, "align:AlignConfig"),
 }
 
 
@@ -268,9 +286,23 @@ INTERRUPTED = {
     "train": "checkpoints written so far are kept: rerun with --resume last (needs --save-steps)",
     "evaluate": "models scored before the interruption keep their files; the rest were not written",
     "compare": "no result file was left half-written; rerun to compare",
+    "align": "no result file was left half-written; rerun to align",
 }
 
-HANDLERS = {"correlate": _correlate, "train": _train, "evaluate": _evaluate, "compare": _compare}
+def _align(args) -> int:
+    from .align import run_align
+
+    s = run_align(config_from_args(args.config, args), log=lambda m: print(m, file=sys.stderr))
+    print(f"{s['n_pairs']} pairs, {s['seconds']:.0f} s; cosine of the BT and NormBT batch gradients "
+          f"{s['cosine_bt_normbt_aggregates']:+.3f}; effective rank of K {s['spectrum']['effective_rank']:.1f}")
+    for cat, share in s["share_of_aggregate_sq_norm"]["bt"].items():
+        print(f"  {cat:<10} share of the BT batch gradient {share:+.3f}   of NormBT's "
+              f"{s['share_of_aggregate_sq_norm']['normbt'][cat]:+.3f}")
+    print(f"-> {args.out}")
+    return 0
+
+
+HANDLERS = {"correlate": _correlate, "train": _train, "evaluate": _evaluate, "compare": _compare, "align": _align}
 
 
 def main(argv: list[str] | None = None) -> int:

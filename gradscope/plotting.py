@@ -45,6 +45,8 @@ def style():
     with plt.rc_context(STYLE), warnings.catch_warnings():
         # seaborn 0.13's box plots still pass matplotlib's deprecated `vert` (matplotlib >= 3.11)
         warnings.filterwarnings("ignore", message="vert: bool was deprecated")
+        # and its heatmap matplotlib's soon-deprecated Colormap.set_bad
+        warnings.filterwarnings("ignore", message="The set_bad function will be deprecated")
         yield plt
 
 

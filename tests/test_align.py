@@ -90,3 +90,31 @@ def test_the_diagonal_is_correlates_squared_norm():
     ids, mask = collate(enc)
     sq = ENGINES["ghost"](model, ids, mask).sq_norms.sum(1).numpy()
     np.testing.assert_allclose(np.diag(got.gram), sq, rtol=1e-12, atol=0)
+
+
+def test_align_command_writes_its_tables_and_figures(tiny_model_dir, tmp_path):
+    import json
+
+    import pandas as pd
+
+    from gradscope.cli import main
+
+    out = tmp_path / "align"
+    assert main(["align", "--model", str(tiny_model_dir), "--data", "demo", "--limit", "10", "--tile", "4",
+                 "--max-length", "384", "--n-boot", "50", "--out", str(out), "--no-progress"]) == 0
+    gram = np.load(out / "gram.npy")
+    pairs = pd.read_parquet(out / "align_pairs.parquet")
+    summary = json.loads((out / "align.json").read_text())
+    ids = json.loads((out / "gram_pair_ids.json").read_text())
+    assert gram.shape == (10, 10) and ids == list(pairs["pair_id"]) and summary["n_pairs"] == 10
+    np.testing.assert_allclose(np.diag(gram), pairs["grad_norm"] ** 2, rtol=1e-12)
+    blocks = np.load(out / "gram_blocks.npz")
+    np.testing.assert_allclose(sum(blocks[k] for k in blocks.files), gram, rtol=1e-10, atol=1e-12 * np.abs(gram).max())
+    # the cosine with the BT update from K and the coefficients, by hand
+    c = 1 - 1 / (1 + np.exp(-pairs["d"].to_numpy()))
+    want = gram @ c / (np.sqrt(np.diag(gram)) * np.sqrt(c @ gram @ c))
+    np.testing.assert_allclose(pairs["cos_bt"], want, rtol=1e-10)
+    shares = summary["share_of_aggregate_sq_norm"]["bt"]
+    assert sum(shares.values()) == pytest.approx(1.0)
+    assert {p.name for p in (out / "figures").iterdir()} == {"align_heatmap.png", "align_categories.png",
+                                                             "align_vs_distance.png"}

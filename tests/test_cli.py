@@ -39,9 +39,10 @@ def test_shared_help_is_written_once():
     for command, spec in CONFIG_COMMANDS.items():
         fields = {f.name: f for f in dataclasses.fields(_config_class(spec[3]))}
         for f in SHARED:
-            if fields[f.name].metadata is not f.metadata:  # overridden: only model (evaluate, compare) and max_length
-                assert (command, f.name) in {("evaluate", "model"), ("compare", "model"), ("train", "max_length")}
-                if f.name == "max_length":
+            if fields[f.name].metadata is not f.metadata:  # overridden: model (evaluate, compare), defaults
+                assert (command, f.name) in {("evaluate", "model"), ("compare", "model"), ("train", "max_length"),
+                                             ("align", "limit")}
+                if f.name in ("max_length", "limit"):
                     assert fields[f.name].metadata["help"] == f.metadata["help"]
             helps.setdefault(f.name, set()).add(fields[f.name].metadata["help"])
     assert all(len(h) == 1 for name, h in helps.items() if name != "model")
