@@ -147,13 +147,17 @@ def tile_alignment(model: RewardModel, input_ids: torch.Tensor, attention_mask: 
 
 
 def compute_alignment(model: RewardModel, encoded: list[EncodedPair], *, pad_id: int = 0, tile: int = 64,
-                      progress: bool = False) -> Alignment:
-    """Exact K over every parameter and per block for ``encoded`` (input order), ``tile`` pairs a pass
-    at most twice over (each pair of tiles runs together once; a single tile runs alone)."""
+                      sketch: int | None = None, seed: int = 0, progress: bool = False) -> Alignment:
+    """K over every parameter and per block for ``encoded`` (input order). Exact: ``tile`` pairs a pass,
+    each pair of tiles together once (a single tile alone). With ``sketch`` = DIM: each tile once,
+    every pair gradient projected to DIM numbers per parameter tensor (:class:`Sketcher`), and K the
+    sketches' inner products (an estimate)."""
     from tqdm.auto import tqdm
 
     N = len(encoded)
     tiles = [list(range(s, min(s + tile, N))) for s in range(0, N, tile)]
+    if sketch:
+        return _sketched_alignment(model, encoded, tiles, Sketcher(sketch, seed), pad_id, progress)
     passes = [(a, b) for a in range(len(tiles)) for b in range(a + 1, len(tiles))] or [(0, 0)]
     dev = next(model.parameters()).device
     blocks: dict[str, np.ndarray] = {}
@@ -176,6 +180,84 @@ def compute_alignment(model: RewardModel, encoded: list[EncodedPair], *, pad_id:
     return Alignment(sum(blocks.values()), blocks, d, dist)
 
 
+def _sketched_alignment(model, encoded, tiles, sketcher: Sketcher, pad_id: int, progress: bool) -> Alignment:
+    from tqdm.auto import tqdm
+
+    N, dev = len(encoded), next(model.parameters()).device
+    parts: dict[str, list[np.ndarray]] = {}
+    d, dist = np.zeros(N), np.zeros(N)
+    for idx in tqdm(tiles, desc="align (sketch)", unit="tile", disable=not progress, dynamic_ncols=True):
+        ids, mask = collate([encoded[i] for i in idx], pad_id=pad_id)
+        kept: list = []
+        pg = ENGINES["ghost"](model, ids.to(dev), mask.to(dev), keep=kept)
+        same = identical_pairs(ids, mask).to(pg.rewards.device)
+        per_block: dict[str, torch.Tensor] = {}
+        for name, sk in sketcher.sketch(kept, len(idx)).items():
+            sk[same] = 0.0
+            blk = block_of(name)
+            per_block[blk] = torch.cat([per_block[blk], sk], 1) if blk in per_block else sk
+        for blk, sk in per_block.items():
+            parts.setdefault(blk, []).append(sk.cpu().numpy())
+        ix = np.array(idx)
+        d[ix] = (pg.rewards[:, 0] - pg.rewards[:, 1]).double().cpu().numpy()
+        dist[ix] = (pg.last_hidden[:, 0] - pg.last_hidden[:, 1]).double().norm(dim=-1).cpu().numpy()
+    blocks = {}
+    for blk in block_order(list(parts)):
+        S = np.concatenate(parts[blk])
+        blocks[blk] = S @ S.T
+    return Alignment(sum(blocks.values()), blocks, d, dist)
+
+
+# ------------------------------------------------------------------------------------ the sketch
+
+
+class Sketcher:
+    """Seeded random projections of per-pair gradients (JL / TRAK style, factorised like LoGra so
+    that no projection of a d_out × d_in gradient is ever stored): a matrix gradient
+    G = Σ_t g_t a_tᵀ becomes Pᵀ G Q = Σ_t (Pᵀ g_t)(Qᵀ a_t)ᵀ, k × k, with P, Q Gaussian of variance
+    1/k; a vector gradient (bias, norm weight) Rᵀ v with R of variance 1/k²; an embedding gradient
+    treats a token id as a one-hot input (a Gaussian row per id). Inner products of sketches are
+    unbiased estimates of the exact ones, with an error that shrinks as ``dim`` = k² grows."""
+
+    def __init__(self, dim: int, seed: int = 0):
+        self.k = max(1, round(dim ** 0.5))
+        self.seed = seed
+        self._proj: dict[tuple[str, str], torch.Tensor] = {}
+
+    def proj(self, name: str, side: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+        key = (name, side)
+        if key not in self._proj:
+            import zlib
+
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(f"{name}/{side}".encode()))
+            self._proj[key] = torch.randn(rows, cols, generator=g, dtype=torch.float64) / cols ** 0.5
+        return self._proj[key].to(device=like.device, dtype=like.dtype)
+
+    def sketch(self, kept: list, B: int) -> dict[str, torch.Tensor]:
+        """Parameter name -> (B, m) sketches of the pair gradients, from the ghost engine's kept tensors."""
+        out, k = {}, self.k
+        for name, mod, rule, x, g in kept:
+            full = lambda p: f"{name}.{p}" if name else p  # noqa: E731
+            gp = _pairs(g, B)
+            P = self.proj(name, "out", gp.shape[-1], k, gp)
+            if rule == "embedding":  # a one-hot input: the row of its id
+                Q = self.proj(name, "in", mod.num_embeddings, k, gp)
+                qa = Q[_pairs(x, B)]
+            elif rule in ("linear", "conv1d"):
+                a = _pairs(x, B)
+                qa = a @ self.proj(name, "in", a.shape[-1], k, a)
+            else:  # affine norm: a vector gradient
+                v = _pairs(_norm_dy_dw(mod, x) * g, B).sum(1)
+                out[full("weight")] = (v @ self.proj(name, "vec", v.shape[-1], k * k, v)).double()
+                qa = None
+            if qa is not None:
+                out[full("weight")] = torch.einsum("bnk,bnl->bkl", gp @ P, qa).reshape(B, -1).double()
+            if rule != "embedding" and getattr(mod, "bias", None) is not None:
+                v = gp.sum(1)
+                out[full("bias")] = (v @ self.proj(name, "bias", v.shape[-1], k * k, v)).double()
+        return out
+
+
 # ------------------------------------------------------------------------------------- the command
 
 
@@ -187,12 +269,17 @@ class AlignConfig(ModelOptions, DataOptions):
                    "figures.")
     limit: int | None = reopt(DataOptions, "limit", 128)
     tile: int = opt(64, "Pairs per tile: memory is bounded by two tiles (each pair of tiles runs together once).")
+    sketch: int | None = opt(None, "Estimate K from seeded random projections of DIM numbers per parameter tensor "
+                             "(for N beyond exact memory: each pair runs once); the first tile is also run "
+                             "exactly, and the sketch's cosine error on it goes into align.json.")
     n_boot: int = opt(999, "Bootstrap resamples for the category × category mean cosines.")
     progress: bool = opt(True, "Show a progress bar.")
 
     def validate(self) -> None:
         if self.tile < 1:
             raise GradscopeError("--tile must be at least 1")
+        if self.sketch is not None and self.sketch < 1:
+            raise GradscopeError("--sketch must be at least 1")
 
 
 def aggregate_weights(d: np.ndarray, distance: np.ndarray) -> dict[str, np.ndarray]:
@@ -275,8 +362,16 @@ def run_align(cfg: AlignConfig, log=print) -> dict:
     t0 = time.perf_counter()
     inputs = load_inputs(cfg, log=log)
     enc = inputs.encoded
-    al = compute_alignment(inputs.loaded.model, enc, pad_id=pad_token_id(inputs.loaded.tokenizer), tile=cfg.tile,
+    pad = pad_token_id(inputs.loaded.tokenizer)
+    al = compute_alignment(inputs.loaded.model, enc, pad_id=pad, tile=cfg.tile, sketch=cfg.sketch, seed=cfg.seed,
                            progress=cfg.progress)
+    check = None
+    if cfg.sketch:  # the sketch against the exact K on the pairs of the first tile
+        m = min(len(enc), cfg.tile)
+        exact = compute_alignment(inputs.loaded.model, enc[:m], pad_id=pad, tile=m).cosine()
+        err = np.abs(al.cosine()[:m, :m] - exact)[~np.eye(m, dtype=bool)]
+        check = {"dim": cfg.sketch, "pairs_checked": m, "cosine_abs_error_mean": float(err.mean()),
+                 "cosine_abs_error_p95": float(np.quantile(err, 0.95)), "cosine_abs_error_max": float(err.max())}
     out = Path(cfg.out)
     ids = [e.pair.pair_id for e in enc]
     cats = [e.pair.category for e in enc]
@@ -294,7 +389,7 @@ def run_align(cfg: AlignConfig, log=print) -> dict:
     T.atomic_write_bytes(out / "gram_blocks.npz", write_with(lambda f: np.savez(f, **al.blocks)))
     T.write_json(ids, out / "gram_pair_ids.json")
     T.write_parquet(pairs, out / "align_pairs.parquet")
-    summary = {"model": cfg.model, "data": cfg.data, "n_pairs": len(enc), "tile": cfg.tile,
+    summary = {"model": cfg.model, "data": cfg.data, "n_pairs": len(enc), "tile": cfg.tile, "sketch": check,
                "blocks": list(al.blocks), "seconds": round(time.perf_counter() - t0, 2), **summary,
                "config": dataclasses.asdict(cfg), "versions": versions()}
     T.write_json(summary, out / "align.json")

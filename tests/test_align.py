@@ -118,3 +118,29 @@ def test_align_command_writes_its_tables_and_figures(tiny_model_dir, tmp_path):
     assert sum(shares.values()) == pytest.approx(1.0)
     assert {p.name for p in (out / "figures").iterdir()} == {"align_heatmap.png", "align_categories.png",
                                                              "align_vs_distance.png"}
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_the_sketchs_error_shrinks_as_its_dimension_grows(kind):
+    model = tiny_reward_model(kind, dtype=torch.float64)
+    enc = pairs()
+    exact = compute_alignment(model, enc).cosine()
+    errors = [np.mean([np.abs(compute_alignment(model, enc, tile=4, sketch=dim, seed=s).cosine() - exact).mean()
+                       for s in range(3)]) for dim in (4, 64, 1024)]
+    assert errors[0] > errors[1] > errors[2]
+    # seeded: the same seed gives the same sketch
+    a, b = (compute_alignment(model, enc, sketch=64, seed=7).gram for _ in range(2))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_align_sketch_reports_its_error_against_the_exact_tile(tiny_model_dir, tmp_path):
+    import json
+
+    from gradscope.cli import main
+
+    out = tmp_path / "sketch"
+    assert main(["align", "--model", str(tiny_model_dir), "--data", "demo", "--limit", "8", "--tile", "4",
+                 "--sketch", "256", "--max-length", "384", "--n-boot", "0", "--out", str(out), "--no-progress"]) == 0
+    s = json.loads((out / "align.json").read_text())["sketch"]
+    assert s["dim"] == 256 and s["pairs_checked"] == 4
+    assert 0 < s["cosine_abs_error_mean"] <= s["cosine_abs_error_p95"] <= s["cosine_abs_error_max"] < 2
