@@ -114,14 +114,14 @@ def _embedding_gram(ids: torch.Tensor, g: torch.Tensor, vocab: int) -> torch.Ten
     return out
 
 
-def _module_grams(kept: list, B: int) -> dict[str, torch.Tensor]:
-    """Parameter name -> (B, B) from the ghost engine's kept (name, module, rule, a, g)."""
-    out = {}
-    for name, mod, rule, x, g in kept:
+def _module_grams(out: dict, B: int):
+    """A ghost-engine ``keep`` callback that reduces each layer's (a, g) to its (B, B) inner
+    products in ``out`` (parameter name -> K) as soon as the gradient exists, keeping nothing else."""
+    def reduce(name, mod, rule, x, g):
         full = lambda p: f"{name}.{p}" if name else p  # noqa: E731
         if rule == "embedding":
             out[full("weight")] = _embedding_gram(_pairs(x, B), _pairs(g, B), mod.num_embeddings)
-            continue
+            return
         a, gp = _pairs(x, B), _pairs(g, B)
         if rule in ("linear", "conv1d"):
             out[full("weight")] = _linear_gram(a, gp)
@@ -129,14 +129,14 @@ def _module_grams(kept: list, B: int) -> dict[str, torch.Tensor]:
             out[full("weight")] = _vector_gram(_pairs(_norm_dy_dw(mod, x) * g, B))
         if getattr(mod, "bias", None) is not None:
             out[full("bias")] = _vector_gram(gp)
-    return out
+
+    return reduce
 
 
 def tile_alignment(model: RewardModel, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     """One tile (B, 2, T): (parameter name -> (B, B) inner products, the engine's PairGrads)."""
-    kept: list = []
-    pg = ENGINES["ghost"](model, input_ids, attention_mask, keep=kept)
-    grams = _module_grams(kept, input_ids.shape[0])
+    grams: dict[str, torch.Tensor] = {}
+    pg = ENGINES["ghost"](model, input_ids, attention_mask, keep=_module_grams(grams, input_ids.shape[0]))
     for i, name in enumerate(pg.names):  # the diagonal: the ghost engine's own squared norms
         grams[name].diagonal().copy_(pg.sq_norms[:, i])
     same = identical_pairs(input_ids, attention_mask).to(pg.sq_norms.device)
@@ -188,11 +188,11 @@ def _sketched_alignment(model, encoded, tiles, sketcher: Sketcher, pad_id: int, 
     d, dist = np.zeros(N), np.zeros(N)
     for idx in tqdm(tiles, desc="align (sketch)", unit="tile", disable=not progress, dynamic_ncols=True):
         ids, mask = collate([encoded[i] for i in idx], pad_id=pad_id)
-        kept: list = []
-        pg = ENGINES["ghost"](model, ids.to(dev), mask.to(dev), keep=kept)
+        sketches: dict[str, torch.Tensor] = {}
+        pg = ENGINES["ghost"](model, ids.to(dev), mask.to(dev), keep=sketcher.reducer(sketches, len(idx)))
         same = identical_pairs(ids, mask).to(pg.rewards.device)
         per_block: dict[str, torch.Tensor] = {}
-        for name, sk in sketcher.sketch(kept, len(idx)).items():
+        for name, sk in sketches.items():
             sk[same] = 0.0
             blk = block_of(name)
             per_block[blk] = torch.cat([per_block[blk], sk], 1) if blk in per_block else sk
@@ -233,10 +233,11 @@ class Sketcher:
             self._proj[key] = torch.randn(rows, cols, generator=g, dtype=torch.float64) / cols ** 0.5
         return self._proj[key].to(device=like.device, dtype=like.dtype)
 
-    def sketch(self, kept: list, B: int) -> dict[str, torch.Tensor]:
-        """Parameter name -> (B, m) sketches of the pair gradients, from the ghost engine's kept tensors."""
-        out, k = {}, self.k
-        for name, mod, rule, x, g in kept:
+    def reducer(self, out: dict, B: int):
+        """A ghost-engine ``keep`` callback: parameter name -> (B, m) sketches of the pair gradients in ``out``."""
+        k = self.k
+
+        def reduce(name, mod, rule, x, g):
             full = lambda p: f"{name}.{p}" if name else p  # noqa: E731
             gp = _pairs(g, B)
             P = self.proj(name, "out", gp.shape[-1], k, gp)
@@ -255,7 +256,8 @@ class Sketcher:
             if rule != "embedding" and getattr(mod, "bias", None) is not None:
                 v = gp.sum(1)
                 out[full("bias")] = (v @ self.proj(name, "bias", v.shape[-1], k * k, v)).double()
-        return out
+
+        return reduce
 
 
 # ------------------------------------------------------------------------------------- the command

@@ -193,11 +193,11 @@ class _Recorder:
     """Forward hooks that keep each module's input and hang a gradient hook on its output."""
 
     def __init__(self, model: RewardModel, plan: dict, B: int, names: list[str], mask: torch.Tensor,
-                 keep: bool = False):
+                 keep=None):
         self.B = B
-        # with ``keep``, every module's (name, module, rule, input, output gradient) stays, for
-        # weighted_grads and the alignment Gram
-        self.kept: list[tuple[str, nn.Module, str, torch.Tensor, torch.Tensor]] | None = [] if keep else None
+        # ``keep(name, module, rule, input, output gradient)`` sees every module's tensors as soon as its
+        # gradient exists: weighted_grads keeps them all, the alignment Gram reduces them there
+        self.keep = keep
         self.col = {n: i for i, n in enumerate(names)}
         self.sq = torch.zeros(B, len(names), dtype=torch.float64, device=mask.device)
         self.mask = mask  # (2B, T) token mask; the head sees one pooled "token" per row
@@ -241,15 +241,15 @@ class _Recorder:
                 if mod.padding_idx is not None:  # torch gives the padding_idx row no gradient
                     g = g * (x != mod.padding_idx)[..., None].to(g.dtype)
                 self._add(name, "weight", _embedding_sq(_pairs(x, B), _pairs(g, B), mod.num_embeddings))
-                if self.kept is not None:
-                    self.kept.append((name, mod, rule, x, g))
+                if self.keep is not None:
+                    self.keep(name, mod, rule, x, g)
                 return None
             if x.dim() > 2:  # (2B, T, d) token positions: padding carries no gradient
                 xs, gs = x, g * self.mask[..., None].to(g.dtype)
             else:  # the head: one pooled state per row, (2B, 1, H)
                 xs, gs = x[:, None], g[:, None]
-            if self.kept is not None:
-                self.kept.append((name, mod, rule, xs, gs))
+            if self.keep is not None:
+                self.keep(name, mod, rule, xs, gs)
             if rule in ("linear", "conv1d"):
                 self._add(name, "weight", _linear_sq(xs, gs, B))
                 if getattr(mod, "bias", None) is not None:
@@ -274,7 +274,7 @@ def _norm_dy_dw(mod: nn.Module, xs: torch.Tensor) -> torch.Tensor:
 
 def weighted_grads(kept: list, c: torch.Tensor) -> None:
     """Add Σ_i c_i ∇θ(r_w - r_l)_i into every parameter's ``.grad``, from the inputs and output
-    gradients a backward of S = Σ_i (r_w - r_l)_i kept (``_Recorder(keep=True)``): each row's
+    gradients a backward of S = Σ_i (r_w - r_l)_i kept (``ghost_engine(keep=[])``): each row's
     output gradient is scaled by its pair's c (rows [chosen; rejected], the sign is already in g),
     then each layer's usual weight-gradient product (linear, Conv1D), scatter-add (embedding) or
     elementwise reduction (norm) runs once. c: (B,)."""
@@ -311,16 +311,18 @@ def _frozen(model: nn.Module):
 
 
 def ghost_engine(model: RewardModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 keep: list | None = None, **_ignored) -> PairGrads:
+                 keep=None, **_ignored) -> PairGrads:
     """input_ids, attention_mask: (B, 2, T). One forward and one backward over all 2B rows. Given a
-    list ``keep``, every layer's input and output gradient are appended to it, for
-    :func:`weighted_grads` (the parameter gradient of any per-pair weighting, with no second pass)."""
+    list ``keep``, every layer's (name, module, rule, input, output gradient) is appended to it, for
+    :func:`weighted_grads` (the parameter gradient of any per-pair weighting, with no second pass); given
+    a callable, it is called with them as soon as the layer's gradient exists (and nothing is kept)."""
     plan = check_supported(model)
     names = parameter_names(model)
     B = input_ids.shape[0]
     ids = torch.cat([input_ids[:, 0], input_ids[:, 1]])  # (2B, T) [chosen; rejected]
     mask = torch.cat([attention_mask[:, 0], attention_mask[:, 1]])
-    rec = _Recorder(model, plan, B, names, mask, keep=keep is not None)
+    sink = (lambda *t: keep.append(t)) if isinstance(keep, list) else keep
+    rec = _Recorder(model, plan, B, names, mask, keep=sink)
     try:
         with _frozen(model), torch.enable_grad():
             out = model(ids, mask)
@@ -331,8 +333,6 @@ def ghost_engine(model: RewardModel, input_ids: torch.Tensor, attention_mask: to
             torch.autograd.grad(S, rec.leaves)
     finally:
         rec.close()
-    if keep is not None:
-        keep += rec.kept
     rewards = torch.stack([out.rewards[:B], out.rewards[B:]], dim=1).detach()  # (B, 2)
     last = torch.stack([out.last_hidden[:B], out.last_hidden[B:]], dim=1).detach()  # (B, 2, H)
     mean = torch.stack([out.mean_hidden[:B], out.mean_hidden[B:]], dim=1).detach()
