@@ -1,0 +1,97 @@
+"""`gradscope align` against one ghost pass over the same pairs: time ratio and peak memory, in one run.
+
+For each N: N stratified RewardBench v1 pairs (``../shared/data``) truncated to ``--max-length``
+tokens a side; one ghost-engine pass over them in batches of ``2 × --tile`` pairs (the size of
+align's passes), then the exact alignment (each pair of tiles together once: about N / tile times
+the ghost pass's work) and, with ``--sketch``, the sketched one (each tile once). Each measurement runs in
+a fresh process; its peak resident memory is sampled every 2 ms (CUDA: max allocated).
+
+    python benchmarks/bench_align.py                      # SmolLM2, 256 tokens, N = 64 and 256
+    python benchmarks/bench_align.py --n 64 --tile 8 --sketch 1024 --json out.json
+
+Target: peak memory under 8 GB for both N. Run alone, by hand, not in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(REPO))
+
+from bench_engines import peak_extra_mb  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data" / "rewardbench-v1.jsonl"
+
+
+def _child(what: str, n: int, args) -> dict:
+    from gradscope.align import compute_alignment
+    from gradscope.data import PairEncoder, collate, load_pairs
+    from gradscope.gradients import ENGINES
+    from gradscope.model import load_model, pad_token_id
+
+    torch.manual_seed(0)
+    loaded = load_model(args.model)
+    enc = PairEncoder(loaded.tokenizer, max_length=args.max_length)
+    encoded = [enc.encode(p) for p in load_pairs(str(DATA), limit=n, sample="stratified")]
+    pad = pad_token_id(loaded.tokenizer)
+    model = loaded.model
+
+    def ghost_pass():
+        for s in range(0, n, 2 * args.tile):
+            ids, mask = collate(encoded[s:s + 2 * args.tile], pad_id=pad)
+            ENGINES["ghost"](model, ids, mask)
+
+    run = {"ghost": ghost_pass,
+           "exact": lambda: compute_alignment(model, encoded, pad_id=pad, tile=args.tile),
+           "sketch": lambda: compute_alignment(model, encoded, pad_id=pad, tile=2 * args.tile, sketch=args.sketch)}[what]
+    t0 = time.perf_counter()
+    mem = peak_extra_mb(run, args.device)
+    return {"what": what, "n": n, "seconds": time.perf_counter() - t0, "peak_extra_mb": mem,
+            "tokens_per_side_max": max(max(len(e.chosen_ids), len(e.rejected_ids)) for e in encoded)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--n", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--tile", type=int, default=4, help="align's tile (its passes hold two tiles)")
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--sketch", type=int, default=None, help="also time --sketch DIM")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json", help="write the rows to this file")
+    ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._child:
+        print(json.dumps(_child(args._child[0], int(args._child[1]), args)))
+        return
+    rows = []
+    for n in args.n:
+        for what in ["ghost", "exact"] + (["sketch"] if args.sketch else []):
+            cmd = [sys.executable, __file__, "--_child", what, str(n), "--model", args.model, "--tile", str(args.tile),
+                   "--max-length", str(args.max_length), "--device", args.device]
+            if args.sketch:
+                cmd += ["--sketch", str(args.sketch)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(rows[-1], flush=True)
+    print(f"\n{args.model}, ≤{args.max_length} tokens a side, tile {args.tile}, device {args.device}")
+    print("| N | what | seconds | time / ghost pass | peak extra MB |\n|---|---|---|---|---|")
+    for r in rows:
+        base = next(x for x in rows if x["n"] == r["n"] and x["what"] == "ghost")
+        print(f"| {r['n']} | {r['what']} | {r['seconds']:.1f} | {r['seconds'] / base['seconds']:.1f}× | "
+              f"{r['peak_extra_mb']:.0f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
