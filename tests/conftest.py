@@ -30,3 +30,27 @@ def tiny_model_dir(tmp_path_factory):
     from tiny import save_tiny_model_dir
 
     return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture
+def killed_after_save(monkeypatch):
+    """``killed_after_save(step, run)``: call ``run()`` with the trainer interrupted (KeyboardInterrupt)
+    right after it saves the checkpoint of ``step``, as a kill would leave it."""
+    import gradscope.train as train_mod
+
+    real = train_mod.Trainer.save
+
+    def kill(step: int, run) -> None:
+        def save_then_die(self, s, target):
+            real(self, s, target)
+            if s == step:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(train_mod.Trainer, "save", save_then_die)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run()
+        finally:
+            monkeypatch.setattr(train_mod.Trainer, "save", real)
+
+    return kill

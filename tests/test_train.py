@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import gradscope.train as train_mod
 from gradscope.data import PairEncoder, collate, demo_path, load_pairs, stack_chosen_rejected
 from gradscope.errors import DataError, GradscopeError
 from gradscope.losses import LOSSES
@@ -71,24 +70,15 @@ def test_dynamics_and_checkpoint_contents(tiny_model_dir, margin_data, tmp_path)
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_resume_after_a_kill_ends_with_the_same_weights(tiny_model_dir, margin_data, tmp_path, monkeypatch, optimizer):
+def test_resume_after_a_kill_ends_with_the_same_weights(tiny_model_dir, margin_data, tmp_path, killed_after_save,
+                                                       optimizer):
     full = tmp_path / "full"
     run_train(cfg(tiny_model_dir, margin_data, full, loss="normbt", max_steps=8, save_steps=4, optimizer=optimizer),
               log=lambda m: None)
 
     killed = tmp_path / "killed"
-    real = train_mod.Trainer.save
-
-    def save_then_die(self, step, target):
-        real(self, step, target)
-        if step == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod.Trainer, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(cfg(tiny_model_dir, margin_data, killed, loss="normbt", max_steps=8, save_steps=4,
-                      optimizer=optimizer), log=lambda m: None)
-    monkeypatch.setattr(train_mod.Trainer, "save", real)
+    killed_after_save(4, lambda: run_train(cfg(tiny_model_dir, margin_data, killed, loss="normbt", max_steps=8,
+                                               save_steps=4, optimizer=optimizer), log=lambda m: None))
     assert not (killed / "gradscope.json").exists() and (killed / "checkpoint-4").exists()
     run_train(cfg(tiny_model_dir, margin_data, killed, loss="normbt", max_steps=8, save_steps=4, resume="last",
                   optimizer=optimizer), log=lambda m: None)

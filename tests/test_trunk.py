@@ -138,23 +138,13 @@ def test_top_k_training_cached_equals_uncached_and_its_checkpoint_evaluates(tiny
         run_train(train_cfg(out, "demo", tmp_path / "fewer", train_layers="0"), log=lambda m: None)
 
 
-def test_top_k_resume_after_a_kill_is_bit_exact(tiny_model_dir, tmp_path, monkeypatch):
-    import gradscope.train as train_mod
+def test_top_k_resume_after_a_kill_is_bit_exact(tiny_model_dir, tmp_path, killed_after_save):
     from gradscope.train import run_train
 
     kw = dict(train_layers="1", max_steps=6, save_steps=3, optimizer="adamw")
     run_train(train_cfg(tiny_model_dir, "demo", tmp_path / "full", **kw), log=lambda m: None)
-    real = train_mod.Trainer.save
-
-    def save_then_die(self, step, target):
-        real(self, step, target)
-        if step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_mod.Trainer, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_train(train_cfg(tiny_model_dir, "demo", tmp_path / "killed", **kw), log=lambda m: None)
-    monkeypatch.setattr(train_mod.Trainer, "save", real)
+    killed_after_save(3, lambda: run_train(train_cfg(tiny_model_dir, "demo", tmp_path / "killed", **kw),
+                                           log=lambda m: None))
     run_train(train_cfg(tiny_model_dir, "demo", tmp_path / "killed", resume="last", **kw), log=lambda m: None)
     for f in ("head.safetensors", TOP_FILE):
         a, b = load_file(tmp_path / "full" / f), load_file(tmp_path / "killed" / f)
