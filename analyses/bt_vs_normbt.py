@@ -345,7 +345,9 @@ def trained(caches: dict | None) -> str:
     k = (caches or {}).get("train_layers", 0 if caches else None)
     if k is None:
         return "all parameters"
-    return "the reward head on the frozen backbone" if k == 0 else f"the top {k} blocks, the final norm and the head"
+    if k == 0:
+        return "the reward head on the frozen backbone"
+    return f"the top {k} block{'s' if k > 1 else ''}, the final norm and the head, on the cached trunk"
 
 
 def report(out: Path, study: dict, runs: pd.DataFrame, sweep_rows: pd.DataFrame, figs: dict, argv) -> None:
