@@ -16,10 +16,10 @@ from accelerate import PartialState
 
 from . import tables as T
 from .config import opt, versions
-from .data import EncodedPair, PairEncoder, collate
+from .data import EncodedPair, PairEncoder, batching_summary, collate, length_batches
 from .errors import GradscopeError
 from .gradients import AUTO, ENGINES, PairGrads, block_of, block_order, get_engine, resolve_engine
-from .inputs import DataOptions, ModelOptions, load_inputs
+from .inputs import DataOptions, ModelOptions, load_inputs, max_batch_tokens_opt
 from .model import DTYPES, LoadedModel, fit_max_length, pad_token_id
 from .proxies import PROXIES
 from .stats import by_category, by_reward_diff_bin, correlations
@@ -38,7 +38,8 @@ class CorrelateConfig(ModelOptions, DataOptions):
                       "(torch.func per-sample gradients), ghost (one batched backward; exact), or auto "
                       "(ghost when the model has only layers it has rules for, else vmap).",
                       choices=[AUTO, *sorted(ENGINES)])
-    batch_size: int = opt(8, "Pairs per batch (one part file each; the unit of --resume).")
+    batch_size: int = opt(8, "Pairs per batch at most (one part file each; the unit of --resume).")
+    max_batch_tokens: int | None = max_batch_tokens_opt()
     chunk_size: int = opt(2, "Pairs per vmap chunk (memory ≈ chunk × parameters).")
     padding_side: str = opt("right", "Pad side within a batch (results do not depend on it).",
                             choices=["right", "left"])
@@ -52,6 +53,8 @@ class CorrelateConfig(ModelOptions, DataOptions):
         for name in ("batch_size", "chunk_size", "max_length", "n_bins"):
             if getattr(self, name) < 1:
                 raise GradscopeError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            raise GradscopeError("--max-batch-tokens must be at least 1")
         if self.engine != AUTO:
             get_engine(self.engine)
         if self.dtype not in DTYPES:
@@ -59,7 +62,7 @@ class CorrelateConfig(ModelOptions, DataOptions):
 
     def identity(self) -> dict:
         """The options that decide the numbers (a resumed run must match them)."""
-        skip = {"out", "resume", "progress", "threads", "batch_size", "chunk_size", "padding_side",
+        skip = {"out", "resume", "progress", "threads", "batch_size", "max_batch_tokens", "chunk_size", "padding_side",
                 "engine", "n_bins", "n_boot"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
@@ -108,20 +111,19 @@ def batch_rows(enc: list[EncodedPair], g: PairGrads) -> tuple[pd.DataFrame, pd.D
 
 def per_pair_table(loaded: LoadedModel, encoded: list[EncodedPair], *, engine: str = "ghost",
                    batch_size: int = 8, chunk_size: int = 2, padding_side: str = "right",
-                   progress: bool = False, on_batch=None):
-    """Compute every pair's quantities in batches of similar length; yield ``(pairs, blocks)``
-    frames per batch (also passed to ``on_batch``)."""
+                   progress: bool = False, on_batch=None, max_batch_tokens: int | None = None):
+    """Compute every pair's quantities in batches of similar length (``length_batches``); yield
+    ``(pairs, blocks)`` frames per batch (also passed to ``on_batch``)."""
     from tqdm.auto import tqdm
 
     fn = get_engine(engine)
     pad = pad_token_id(loaded.tokenizer)
-    todo = sorted(encoded, key=lambda e: max(len(e.chosen_ids), len(e.rejected_ids)))  # less padding
-    bar = tqdm(total=len(todo), unit="pair", disable=not progress,
+    bar = tqdm(total=len(encoded), unit="pair", disable=not progress,
                desc=f"correlate [{engine}]", dynamic_ncols=True)
     model = loaded.model
     try:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
+        for idx in length_batches(encoded, batch_size, max_batch_tokens):
+            batch = [encoded[i] for i in idx]
             ids, mask = collate(batch, pad_id=pad, padding_side=padding_side)
             dev = next(model.parameters()).device
             g = fn(model, ids.to(dev), mask.to(dev), chunk_size=chunk_size)
@@ -217,7 +219,7 @@ def run_correlate(cfg: CorrelateConfig, log=print) -> dict:
         part[0] += 1
 
     for _ in per_pair_table(loaded, shard, engine=engine, batch_size=cfg.batch_size,
-                            chunk_size=cfg.chunk_size, padding_side=cfg.padding_side,
+                            max_batch_tokens=cfg.max_batch_tokens, chunk_size=cfg.chunk_size, padding_side=cfg.padding_side,
                             progress=cfg.progress and state.is_main_process, on_batch=save_batch):
         pass
     state.wait_for_everyone()
@@ -232,6 +234,7 @@ def run_correlate(cfg: CorrelateConfig, log=print) -> dict:
     summary = summarise(df, cfg, loaded, engine=engine, seconds=time.perf_counter() - t0,
                         resumed=bool(done), max_length=max_len)
     summary["processes"] = world
+    summary["batching"] = batching_summary(encoded, cfg.batch_size, cfg.max_batch_tokens)
     T.write_parquet(df, out / T.PAIRS_FILE)
     T.write_parquet(blocks, out / T.GRAD_BLOCKS_FILE)
     write_fig8(df, out / T.FIG8_FILE, title=cfg.model)

@@ -404,6 +404,33 @@ def collate(encoded: list[EncodedPair], pad_id: int = 0, padding_side: str = "ri
     return ids, mask
 
 
+def length_batches(encoded: list[EncodedPair], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
+    """Indices of ``encoded`` in batches of similar length, shortest first: at most ``batch_size``
+    pairs, and at most ``max_batch_tokens`` padded tokens (pairs × 2 sides × the longest side) per
+    batch, so that long pairs go in smaller batches; a pair longer than the budget goes alone."""
+    order = sorted(range(len(encoded)), key=lambda i: max(len(encoded[i].chosen_ids), len(encoded[i].rejected_ids)))
+    batches: list[list[int]] = []
+    for i in order:
+        longest = max(len(encoded[i].chosen_ids), len(encoded[i].rejected_ids))  # the batch's longest (sorted)
+        last = batches[-1] if batches else None
+        if (last is not None and len(last) < batch_size
+                and (max_batch_tokens is None or (len(last) + 1) * 2 * longest <= max_batch_tokens)):
+            last.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def batching_summary(encoded: list[EncodedPair], batch_size: int, max_batch_tokens: int | None) -> dict:
+    """What :func:`length_batches` chose, for a run's summary."""
+    batches = length_batches(encoded, batch_size, max_batch_tokens)
+    padded = [2 * len(b) * max(max(len(encoded[i].chosen_ids), len(encoded[i].rejected_ids)) for i in b)
+              for b in batches]
+    return {"batch_size": batch_size, "max_batch_tokens": max_batch_tokens, "n_batches": len(batches),
+            "largest_batch_pairs": max((len(b) for b in batches), default=0),
+            "largest_batch_padded_tokens": max(padded, default=0)}
+
+
 def stack_chosen_rejected(x: torch.Tensor) -> torch.Tensor:
     """(B, 2, ...) -> (2B, ...) laid out as [chosen; rejected]."""
     return torch.cat([x[:, 0], x[:, 1]], dim=0)

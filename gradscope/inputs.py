@@ -76,6 +76,13 @@ class DataOptions:
         return load_pairs(source or self.data, split=self.split, fields=self.fields(), limit=n, sample=self.sample)
 
 
+def max_batch_tokens_opt(default: int | None = None):
+    """The batching budget of the commands that run batches of pairs (help written once)."""
+    return opt(default, "Padded tokens per batch at most (pairs × 2 sides × longest side): long pairs go in smaller "
+               "batches, a pair over the budget alone; results do not depend on it. Memory grows with it "
+               "(attention keeps heads × T × T per side).")
+
+
 def option_names(cls) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 

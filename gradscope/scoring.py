@@ -6,14 +6,14 @@ import pandas as pd
 import torch
 
 from . import tables as T
-from .data import EncodedPair, collate, stack_chosen_rejected
+from .data import EncodedPair, collate, length_batches, stack_chosen_rejected
 from .model import LoadedModel, pad_token_id
 
 
 @torch.no_grad()
 def score_pairs(loaded: LoadedModel, encoded: list[EncodedPair], *, batch_size: int = 16,
                 padding_side: str = "right", progress: bool = False, desc: str = "score",
-                feature_cache: bool = False, log=None) -> pd.DataFrame:
+                feature_cache: bool = False, log=None, max_batch_tokens: int | None = None) -> pd.DataFrame:
     """One row per pair, in input order: pair_id, subset, category, reward_chosen, reward_rejected,
     proxy_l2 (‖h_w - h_l‖ of the pooled states, the head's input). With ``feature_cache`` the
     backbone's pooled states come from the on-disk feature cache (computed and stored where
@@ -37,13 +37,11 @@ def score_pairs(loaded: LoadedModel, encoded: list[EncodedPair], *, batch_size: 
 
         store = FeatureStore.for_model(model, loaded.path)
         states = store.states(model, encoded, pad_id=pad, progress=progress, log=log)  # (N, 4, H)
-    order = sorted(range(len(encoded)), key=lambda i: max(len(encoded[i].chosen_ids), len(encoded[i].rejected_ids)))
     rewards = torch.empty(len(encoded), 2, dtype=torch.float64)
     dist = torch.empty(len(encoded), dtype=torch.float64)
     with tqdm(total=len(encoded), unit="pair", disable=not progress or states is not None, desc=desc,
               dynamic_ncols=True) as bar:
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+        for idx in length_batches(encoded, batch_size, max_batch_tokens):
             if states is not None:
                 out = head_forward(model, states[idx].to(dev))
             else:

@@ -66,6 +66,32 @@ def test_engines_give_the_same_table(demo_run, tiny_model_dir, tmp_path, engine)
     pd.testing.assert_frame_equal(a, b, rtol=1e-6)
 
 
+def test_a_token_budget_changes_the_batches_not_the_numbers(demo_run, tiny_model_dir, tmp_path):
+    out, summary = demo_run
+    s = run_correlate(cfg(tiny_model_dir, tmp_path, max_batch_tokens=1000), log=lambda m: None)
+    a, b = pd.read_parquet(out / T.PAIRS_FILE), pd.read_parquet(tmp_path / T.PAIRS_FILE)
+    pd.testing.assert_frame_equal(a, b, rtol=1e-10)
+    assert summary["batching"]["n_batches"] == 3 and summary["batching"]["max_batch_tokens"] is None
+    assert s["batching"]["n_batches"] > 3 and s["batching"]["max_batch_tokens"] == 1000
+
+
+def test_length_batches_keep_the_budget_and_every_pair_once():
+    from gradscope.data import EncodedPair, Pair, length_batches
+
+    p = Pair("p", (), (), "", "all")
+    lengths = [(5, 3), (40, 41), (12, 2), (100, 7), (9, 9), (30, 1)]
+    enc = [EncodedPair(p, tuple(range(a)), tuple(range(b)), False) for a, b in lengths]
+    batches = length_batches(enc, batch_size=3, max_batch_tokens=100)
+    assert sorted(i for b in batches for i in b) == list(range(len(enc)))
+    longest = [max(lengths[i]) for b in batches for i in b]
+    assert longest == sorted(longest)  # shortest first
+    for b in batches:
+        assert len(b) <= 3
+        assert len(b) == 1 or 2 * len(b) * max(max(lengths[i]) for i in b) <= 100  # alone if over the budget
+    assert [3] in batches  # the 100-token pair, alone
+    assert length_batches(enc, batch_size=4) == [[0, 4, 2, 5], [1, 3]]
+
+
 def test_interrupted_run_leaves_no_result_and_resumes(demo_run, tiny_model_dir, tmp_path, monkeypatch):
     out, _ = demo_run
     real = correlate_mod.batch_rows

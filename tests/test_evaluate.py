@@ -68,8 +68,8 @@ def test_rewards_do_not_depend_on_batch_size_or_padding(tiny_model_dir):
     pairs = load_pairs("demo", limit=20)
     enc = [PairEncoder(loaded.tokenizer, max_length=64).encode(p) for p in pairs]
     ref = score_pairs(loaded, enc, batch_size=1)
-    for bs, side in [(16, "right"), (16, "left"), (7, "left")]:
-        got = score_pairs(loaded, enc, batch_size=bs, padding_side=side)
+    for bs, side, budget in [(16, "right", None), (16, "left", None), (7, "left", None), (16, "right", 200)]:
+        got = score_pairs(loaded, enc, batch_size=bs, padding_side=side, max_batch_tokens=budget)
         np.testing.assert_allclose(got[T.REWARD_CHOSEN], ref[T.REWARD_CHOSEN], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got[T.REWARD_REJECTED], ref[T.REWARD_REJECTED], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(got[T.PROXY_L2], ref[T.PROXY_L2], rtol=1e-5, atol=1e-6)
