@@ -40,10 +40,10 @@ import torch
 from . import tables as T
 from .config import opt, reopt, versions
 from .cache import FeatureStore, backbone_key, head_forward
-from .data import EncodedPair, Pair, collate, split_by_prompt, stack_chosen_rejected
+from .data import EncodedPair, Pair, collate, length_batches, split_by_prompt, stack_chosen_rejected
 from .errors import DataError, GradscopeError
-from .losses import LOSSES, PairFeatures, build_loss, effective_sample_size, last_l2
-from .inputs import DataOptions, ModelOptions, encode_pairs, load_inputs
+from .losses import LOSSES, LossOutput, PairFeatures, build_loss, effective_sample_size, last_l2
+from .inputs import DataOptions, ModelOptions, encode_pairs, load_inputs, max_batch_tokens_opt
 from .model import CHECKPOINT_META, RewardModel, pad_token_id, save_head_checkpoint, save_reward_model
 from .trunk import TopBlocks, TrunkStates, TrunkStore, split_backbone
 
@@ -72,6 +72,7 @@ class TrainConfig(ModelOptions, DataOptions):
     momentum: float = opt(0.9, "SGD momentum.")
     weight_decay: float = opt(0.0, "Weight decay.")
     batch_size: int = opt(4, "Pairs per process per micro-batch.")
+    max_batch_tokens: int | None = max_batch_tokens_opt()
     grad_accum: int = opt(4, "Micro-batches per optimizer step (effective batch = batch × accum × processes).")
     epochs: int = opt(1, "Passes over the data (when --max-steps is not given).")
     max_steps: int | None = opt(None, "Stop after this many optimizer steps.")
@@ -359,10 +360,58 @@ class Trainer:
         except GradscopeError as e:
             raise GradscopeError(f"--loss {cfg.loss}: " + str(e).split("; use --engine")[0]) from None
 
-    def exact_micro_batch(self, idx: list[int], margin: torch.Tensor | None):
+    def chunked_micro_batch(self, mine: list[int], margin: torch.Tensor | None, chunks: list[list[int]], last: bool):
+        """One micro-batch over the token budget, in chunks, with the gradient and loss state of the whole:
+        a forward without gradients over the chunks gives every pair's d and features (the exact norm
+        too, for normbt_exact), from which the loss forms its weights once (μ_t read and updated as for
+        the whole micro-batch); then each chunk runs forward and backward with those weights fixed,
+        its part Σ_{i∈chunk} w_i ℓ_i / B of the micro-batch's mean loss. One more forward than
+        unchunked (where dropout is active, the weights see another dropout sample than the loss)."""
+        from .gradients import ENGINES
+        from .gradients.ghost import weighted_grads
+
+        acc, cfg, b = self.acc, self.cfg, len(mine)
+        order = [j for c in chunks for j in c]  # positions in ``mine``, chunk by chunk
+        idx = lambda c: [mine[j] for j in c]  # noqa: E731
+        parts = []
+        with torch.no_grad(), acc.autocast():
+            for c in chunks:
+                if self.exact:
+                    parts.append(exact_features(self.model, *self._ids(idx(c)))[:2])
+                else:
+                    parts.append(self.forward(self.net, idx(c), self.encoded, self.states))
+        inverse = torch.empty(b, dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(b)
+        d = torch.cat([x[0] for x in parts])[inverse]
+        feats = PairFeatures(*(None if parts[0][1][k] is None else torch.cat([x[1][k] for x in parts])[inverse]
+                               for k in range(len(PairFeatures._fields))))
+        w, dist = self.loss_fn.pair_weights(d, feats)
+        per_pair = torch.empty_like(d)
+        for n, c in enumerate(chunks):
+            sel = torch.tensor(c)
+            m = margin[sel] if margin is not None else None
+            sync = nullcontext() if last and n == len(chunks) - 1 else acc.no_sync(self.net)
+            if self.exact:
+                kept: list = []
+                g = ENGINES["ghost"](self.model, *self._ids(idx(c)), keep=kept)
+                dc = (g.rewards[:, 0] - g.rewards[:, 1]).to(d.dtype).requires_grad_(True)
+                per = self.loss_fn.base_loss(dc, m)
+                ((w[sel] * per).sum() / (b * cfg.grad_accum)).backward()
+                weighted_grads(kept, dc.grad)
+            else:
+                with sync, acc.autocast():
+                    dc, _ = self.forward(self.net, idx(c), self.encoded, self.states)
+                    per = self.loss_fn.base_loss(dc, m)
+                    acc.backward((w[sel] * per).sum() / (b * cfg.grad_accum))
+            per_pair[sel] = per.detach()
+        return d, feats, LossOutput((w * per_pair).mean(), per_pair, w, dist)
+
+    def _ids(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = collate([self.encoded[i] for i in idx], pad_id=self.pad)  # (B, 2, T)
-        dev = self.acc.device
-        return exact_backward(self.model, self.loss_fn, ids.to(dev), mask.to(dev), margin, scale=1 / self.cfg.grad_accum)
+        return ids.to(self.acc.device), mask.to(self.acc.device)
+
+    def exact_micro_batch(self, idx: list[int], margin: torch.Tensor | None):
+        return exact_backward(self.model, self.loss_fn, *self._ids(idx), margin, scale=1 / self.cfg.grad_accum)
 
     def _drop_identical(self, encoded: list[EncodedPair], what: str) -> tuple[list[EncodedPair], int]:
         # a pair whose sides are the same tokens (after truncation) has d = 0 and ∇d = 0 under every
@@ -428,7 +477,10 @@ class Trainer:
             margin = (torch.tensor([self.encoded[i].pair.margin for i in mine], dtype=self.model.head.weight.dtype,
                                    device=acc.device)
                       if self.loss_fn.needs_margin else None)
-            if self.exact:
+            chunks = length_batches([self.encoded[i] for i in mine], len(mine), cfg.max_batch_tokens)
+            if len(chunks) > 1:  # over the token budget: in chunks, the same gradient
+                d, feats, lo = self.chunked_micro_batch(mine, margin, chunks, last=micro == cfg.grad_accum - 1)
+            elif self.exact:
                 d, feats, lo = self.exact_micro_batch(mine, margin)
             else:
                 sync = acc.no_sync(self.net) if micro < cfg.grad_accum - 1 else nullcontext()
@@ -472,15 +524,15 @@ class Trainer:
         """BT loss and pair accuracy on the validation pairs (every process computes the same)."""
         net = self.acc.unwrap_model(self.net)
         net.eval()
-        n, bs, ds = len(self.val_encoded), 2 * self.cfg.batch_size, []
-        order = sorted(range(n), key=lambda i: max(len(self.val_encoded[i].chosen_ids), len(self.val_encoded[i].rejected_ids)))
+        n, ds = len(self.val_encoded), []
+        batches = length_batches(self.val_encoded, 2 * self.cfg.batch_size, self.cfg.max_batch_tokens)
         with self.acc.autocast():
-            for s in range(0, n, bs):
-                d, _ = self.forward(net, order[s:s + bs], self.val_encoded, self.val_states)
+            for idx in batches:
+                d, _ = self.forward(net, idx, self.val_encoded, self.val_states)
                 ds.append(d.double().cpu())
         net.train()
         d = torch.empty(n, dtype=torch.float64)
-        d[order] = torch.cat(ds)
+        d[[i for b in batches for i in b]] = torch.cat(ds)
         return validation_summary(d)
 
     def run(self) -> dict:
@@ -571,6 +623,18 @@ class Trainer:
                 T.write_parquet(pd.DataFrame(rows), self.out / LOG_DIR / f"{name}-{first:09d}-{step:09d}.parquet")
 
 
+def exact_features(model: RewardModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep=None):
+    """(d (B,), PairFeatures with the exact ‖∇θ d‖, the engine's PairGrads) from one ghost pass."""
+    from .gradients import ENGINES
+
+    g = ENGINES["ghost"](model, input_ids, attention_mask, keep=keep)
+    dtype = torch.promote_types(g.rewards.dtype, torch.float32)
+    d = (g.rewards[:, 0] - g.rewards[:, 1]).to(dtype)
+    feats = PairFeatures(*(x.to(dtype) for x in (g.last_hidden[:, 0], g.last_hidden[:, 1], g.mean_hidden[:, 0],
+                                                 g.mean_hidden[:, 1])), grad_norm=g.sq_norms.sum(1).sqrt().to(dtype))
+    return d, feats, g
+
+
 def exact_backward(model: RewardModel, loss_fn, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    margin: torch.Tensor | None = None, scale: float = 1.0):
     """Exact-norm NormBT on one micro-batch (B, 2, T), in one forward and one backward: the ghost
@@ -578,15 +642,11 @@ def exact_backward(model: RewardModel, loss_fn, input_ids: torch.Tensor, attenti
     output gradients; the loss then gives c_i = scale · ∂loss/∂d_i (weights from those norms), and
     ``weighted_grads`` adds Σ_i c_i ∇θ d_i into ``.grad`` from what was kept.
     Returns (d (B,), PairFeatures with ``grad_norm``, LossOutput)."""
-    from .gradients import ENGINES
     from .gradients.ghost import weighted_grads
 
     kept: list = []
-    g = ENGINES["ghost"](model, input_ids, attention_mask, keep=kept)
-    dtype = torch.promote_types(g.rewards.dtype, torch.float32)
-    d = (g.rewards[:, 0] - g.rewards[:, 1]).to(dtype).requires_grad_(True)
-    feats = PairFeatures(*(x.to(dtype) for x in (g.last_hidden[:, 0], g.last_hidden[:, 1], g.mean_hidden[:, 0],
-                                                 g.mean_hidden[:, 1])), grad_norm=g.sq_norms.sum(1).sqrt().to(dtype))
+    d, feats, _ = exact_features(model, input_ids, attention_mask, keep=kept)
+    d.requires_grad_(True)
     lo = loss_fn(d, feats, margin)
     (lo.loss * scale).backward()  # d.grad = c
     weighted_grads(kept, d.grad)

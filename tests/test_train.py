@@ -194,3 +194,27 @@ def test_pairs_identical_after_truncation_are_skipped_and_counted(tiny_model_dir
     assert meta["skipped_identical"] == 2 and meta["n_pairs"] == 14
     dyn = pd.read_parquet(tmp_path / "out" / "dynamics.parquet")
     assert (dyn["n_zero_distance"] == 0).all() and (dyn["loss"] < 10).all()  # no μ/ε-weighted constant
+
+
+@pytest.mark.parametrize("loss", ["bt", "normbt", "normbt_exact"])
+def test_a_token_budget_splits_micro_batches_without_changing_the_run(tiny_model_dir, margin_data, tmp_path, loss,
+                                                                     monkeypatch):
+    """Micro-batches over --max-batch-tokens run in chunks; weights, μ_t, losses and the final weights
+    are those of the unchunked run (float64, no dropout in the tiny model)."""
+    from gradscope.train import Trainer
+
+    kw = dict(loss=loss, batch_size=4, grad_accum=2, max_steps=3, dtype="float64", val_fraction=0.25)
+    run_train(cfg(tiny_model_dir, margin_data, tmp_path / "whole", **kw), log=lambda m: None)
+    real, chunked = Trainer.chunked_micro_batch, []
+    monkeypatch.setattr(Trainer, "chunked_micro_batch", lambda self, *a, **k: chunked.append(a[2]) or real(self, *a, **k))
+    run_train(cfg(tiny_model_dir, margin_data, tmp_path / "chunks", max_batch_tokens=250, **kw), log=lambda m: None)
+    assert len(chunked) == 6 and all(len(c) > 1 for c in chunked)  # every micro-batch of the 3 steps was split
+    import pandas as pd
+
+    a, b = (pd.read_parquet(tmp_path / d / "dynamics.parquet") for d in ("whole", "chunks"))
+    for col in ("loss", "mu", "dist_mean", "weight_max", "accuracy", "val_loss"):
+        assert a[col].to_numpy() == pytest.approx(b[col].to_numpy(), rel=1e-9, nan_ok=True), col
+    for f in ("model.safetensors", "head.safetensors"):
+        ta, tb = load_file(tmp_path / "whole" / f), load_file(tmp_path / "chunks" / f)
+        for k in ta:
+            torch.testing.assert_close(ta[k], tb[k], rtol=1e-9, atol=1e-12, msg=f"{f}:{k}")

@@ -1,0 +1,98 @@
+"""Peak memory of `gradscope correlate` on real long pairs, by batching budget.
+
+Picks N RewardBench v1 pairs (``../shared/data``) whose longer side, as the model's tokenizer reads
+it, is between ``--min-tokens`` and ``--max-length`` tokens, writes them to a temporary JSONL file,
+and runs the default correlate on them (SmolLM2, engine auto = ghost, max length 1,024) once per
+``--budgets`` value (``none``: batches of ``--batch-size`` pairs only; a number: ``--max-batch-tokens``),
+each in a subprocess whose resident memory is sampled every 0.2 s. Prints the peak, the time and the
+batches chosen per budget. Memory does not depend on other jobs sharing the CPU; time does.
+
+    python benchmarks/bench_memory_long.py                               # 16 pairs, budgets 2048 4096
+    python benchmarks/bench_memory_long.py --budgets none 8192 4096 2048 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_memory_flat import rss_mb  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data" / "rewardbench-v1.jsonl"
+
+
+def long_rows(model: str, n: int, lo: int, hi: int) -> list[dict]:
+    from gradscope.data import PairEncoder, load_pairs
+    from gradscope.model import load_model
+
+    loaded = load_model(model)
+    enc = PairEncoder(loaded.tokenizer, max_length=10_000)
+    rows = [json.loads(line) for line in DATA.read_text().splitlines() if line.strip()]
+    by_id = {r["id"]: r for r in rows}
+    out = []
+    for p in load_pairs(str(DATA)):
+        e = enc.encode(p)
+        if lo <= max(len(e.chosen_ids), len(e.rejected_ids)) <= hi:
+            out.append(by_id[p.pair_id])
+        if len(out) == n:
+            break
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--pairs", type=int, default=16)
+    ap.add_argument("--min-tokens", type=int, default=512)
+    ap.add_argument("--max-length", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--budgets", nargs="+", default=["2048", "4096"])
+    ap.add_argument("--json", help="write the rows to this file")
+    args = ap.parse_args()
+    rows = long_rows(args.model, args.pairs, args.min_tokens, args.max_length)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "long.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        for budget in args.budgets:
+            out = Path(tmp) / f"out-{budget}"
+            cmd = [sys.executable, "-m", "gradscope", "correlate", "--model", args.model, "--data", str(data),
+                   "--out", str(out), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+                   "--no-progress", "--n-boot", "200"]
+            if budget != "none":
+                cmd += ["--max-batch-tokens", budget]
+            t0 = time.time()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            peak = 0.0
+            while proc.poll() is None:
+                peak = max(peak, rss_mb(proc.pid))
+                time.sleep(0.2)
+            log = proc.stdout.read()
+            if proc.returncode != 0:
+                raise SystemExit(f"correlate failed:\n{log}")
+            summary = json.loads((out / "summary.json").read_text())
+            results.append({"budget": budget, "peak_rss_mb": peak, "seconds": time.time() - t0,
+                            **summary["batching"]})
+            print(results[-1], flush=True)
+    print(f"\n{len(rows)} RewardBench v1 pairs of {args.min_tokens}-{args.max_length} tokens (longer side), "
+          f"{args.model}, batch size {args.batch_size}")
+    print("| --max-batch-tokens | batches | largest batch (pairs, padded tokens) | peak RSS (MB) | seconds |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['budget']} | {r['n_batches']} | {r['largest_batch_pairs']}, {r['largest_batch_padded_tokens']} | "
+              f"{r['peak_rss_mb']:.0f} | {r['seconds']:.0f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
