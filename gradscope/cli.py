@@ -42,7 +42,9 @@ or one of the paper's baselines and ablations (--loss). Defaults follow the pape
 momentum 0.9, cosine schedule with 3% warm-up, one epoch, gradient accumulation, bf16 where the
 hardware has it, full-parameter tuning. --train-layers 0 trains the head alone on the frozen
 backbone's pooled states, read from an on-disk cache after one forward per pair (seconds per run);
---val-fraction holds out pairs by prompt for validation.
+--train-layers K trains the top K blocks too, on the frozen trunk's cached token states;
+--val-fraction holds out pairs by prompt for validation. --loss normbt_exact weights each pair by
+its exact gradient norm, from the step's own backward.
 
 Writes the final checkpoint into --out (HF save_pretrained backbone, head.safetensors, gradscope.json
 with the loss, its state μ_t, step, config and a hash of the data), checkpoint-STEP/ folders with
@@ -98,8 +100,8 @@ and per block, without storing a per-pair gradient: one forward and one backward
 (pairs of tiles run together, so memory is bounded by two tiles), each layer's inner products from
 its inputs and output gradients. Writes gram.npy (K, float64, input order; gram_pair_ids.json beside
 it), gram_blocks.npz (K per block), align_pairs.parquet (per pair: distance, norm, cosine with the BT
-and the NormBT batch gradient), align.json (category x category mean cosines with bootstrap
-intervals, the spectrum of K, the cosine of the two batch gradients, each category's share of them)
+and the NormBT batch update), align.json (category x category mean cosines with bootstrap
+intervals, the spectrum of K, the cosine of the two batch updates, each category's share of them)
 and figures/. The diagonal of K is correlate's grad_norm squared."""
 
 ALIGN_EPILOG = """\
