@@ -39,7 +39,8 @@ class CorrelateConfig(ModelOptions, DataOptions):
                       "(ghost when the model has only layers it has rules for, else vmap).",
                       choices=[AUTO, *sorted(ENGINES)])
     batch_size: int = opt(8, "Pairs per batch at most (one part file each; the unit of --resume).")
-    max_batch_tokens: int | None = max_batch_tokens_opt()
+    # 2,048: SmolLM2's ghost pass on 512-1,024-token pairs peaks at 3.9 GB (benchmarks/bench_memory_long.py)
+    max_batch_tokens: int | None = max_batch_tokens_opt(2048)
     chunk_size: int = opt(2, "Pairs per vmap chunk (memory ≈ chunk × parameters).")
     padding_side: str = opt("right", "Pad side within a batch (results do not depend on it).",
                             choices=["right", "left"])

@@ -13,8 +13,8 @@ from gradscope.correlate import CorrelateConfig, run_correlate
 
 
 def cfg(model, out, **kw):
-    base = dict(model=str(model), out=str(out), data="demo", dtype="float64", batch_size=8, n_boot=200,
-                progress=False, limit=24, sample="stratified")
+    base = dict(model=str(model), out=str(out), data="demo", dtype="float64", batch_size=8, max_batch_tokens=None,
+                n_boot=200, progress=False, limit=24, sample="stratified")
     return CorrelateConfig(**{**base, **kw})
 
 
@@ -68,11 +68,13 @@ def test_engines_give_the_same_table(demo_run, tiny_model_dir, tmp_path, engine)
 
 def test_a_token_budget_changes_the_batches_not_the_numbers(demo_run, tiny_model_dir, tmp_path):
     out, summary = demo_run
-    s = run_correlate(cfg(tiny_model_dir, tmp_path, max_batch_tokens=1000), log=lambda m: None)
-    a, b = pd.read_parquet(out / T.PAIRS_FILE), pd.read_parquet(tmp_path / T.PAIRS_FILE)
-    pd.testing.assert_frame_equal(a, b, rtol=1e-10)
-    assert summary["batching"]["n_batches"] == 3 and summary["batching"]["max_batch_tokens"] is None
-    assert s["batching"]["n_batches"] > 3 and s["batching"]["max_batch_tokens"] == 1000
+    assert summary["batching"]["n_batches"] == 3 and summary["batching"]["max_batch_tokens"] is None  # 24 pairs, 8 a batch
+    assert CorrelateConfig().max_batch_tokens == 2048  # the command's default
+    for budget in (2048, 700):
+        s = run_correlate(cfg(tiny_model_dir, tmp_path / str(budget), max_batch_tokens=budget), log=lambda m: None)
+        a, b = pd.read_parquet(out / T.PAIRS_FILE), pd.read_parquet(tmp_path / str(budget) / T.PAIRS_FILE)
+        pd.testing.assert_frame_equal(a, b, rtol=1e-10)
+        assert s["batching"]["max_batch_tokens"] == budget and s["batching"]["n_batches"] > 3
 
 
 def test_length_batches_keep_the_budget_and_every_pair_once():
