@@ -69,18 +69,18 @@ def test_dynamics_and_checkpoint_contents(tiny_model_dir, margin_data, tmp_path)
     torch.testing.assert_close(loaded.model.head.weight, load_file(tmp_path / "head.safetensors")["head.weight"])
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("optimizer,loss", [("sgd", "normbt"), ("adamw", "normbt"), ("sgd", "normbt_exact")])
 def test_resume_after_a_kill_ends_with_the_same_weights(tiny_model_dir, margin_data, tmp_path, killed_after_save,
-                                                       optimizer):
+                                                       optimizer, loss):
     full = tmp_path / "full"
-    run_train(cfg(tiny_model_dir, margin_data, full, loss="normbt", max_steps=8, save_steps=4, optimizer=optimizer),
+    run_train(cfg(tiny_model_dir, margin_data, full, loss=loss, max_steps=8, save_steps=4, optimizer=optimizer),
               log=lambda m: None)
 
     killed = tmp_path / "killed"
-    killed_after_save(4, lambda: run_train(cfg(tiny_model_dir, margin_data, killed, loss="normbt", max_steps=8,
+    killed_after_save(4, lambda: run_train(cfg(tiny_model_dir, margin_data, killed, loss=loss, max_steps=8,
                                                save_steps=4, optimizer=optimizer), log=lambda m: None))
     assert not (killed / "gradscope.json").exists() and (killed / "checkpoint-4").exists()
-    run_train(cfg(tiny_model_dir, margin_data, killed, loss="normbt", max_steps=8, save_steps=4, resume="last",
+    run_train(cfg(tiny_model_dir, margin_data, killed, loss=loss, max_steps=8, save_steps=4, resume="last",
                   optimizer=optimizer), log=lambda m: None)
     for f in ("model.safetensors", "head.safetensors"):
         a, b = load_file(full / f), load_file(killed / f)
