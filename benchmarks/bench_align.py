@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(REPO))
 
-from bench_engines import peak_extra_mb  # noqa: E402
+from bench_engines import peak_extra_mb, report  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "rewardbench-v1.jsonl"
 
@@ -84,13 +84,10 @@ def main() -> None:
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
     print(f"\n{args.model}, ≤{args.max_length} tokens a side, tile {args.tile}, device {args.device}")
-    print("| N | what | seconds | time / ghost pass | peak extra MB |\n|---|---|---|---|---|")
-    for r in rows:
-        base = next(x for x in rows if x["n"] == r["n"] and x["what"] == "ghost")
-        print(f"| {r['n']} | {r['what']} | {r['seconds']:.1f} | {r['seconds'] / base['seconds']:.1f}× | "
-              f"{r['peak_extra_mb']:.0f} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    base = {r["n"]: r["seconds"] for r in rows if r["what"] == "ghost"}
+    report(["N", "what", "seconds", "time / ghost pass", "peak extra MB"],
+           [[str(r["n"]), r["what"], f"{r['seconds']:.1f}", f"{r['seconds'] / base[r['n']]:.1f}×",
+             f"{r['peak_extra_mb']:.0f}"] for r in rows], rows, args.json)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,15 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def report(header: list[str], rows: list[list[str]], records: list[dict], json_path: str | None) -> None:
+    """Print a markdown table (``header`` and formatted ``rows``) and write ``records`` to ``json_path``."""
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    if json_path:
+        Path(json_path).write_text(json.dumps({"rows": records}, indent=2) + "\n")
+
+
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

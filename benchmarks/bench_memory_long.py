@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_engines import report  # noqa: E402
 from bench_memory_flat import rss_mb  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "rewardbench-v1.jsonl"
@@ -85,13 +86,9 @@ def main() -> None:
             print(results[-1], flush=True)
     print(f"\n{len(rows)} RewardBench v1 pairs of {args.min_tokens}-{args.max_length} tokens (longer side), "
           f"{args.model}, batch size {args.batch_size}")
-    print("| --max-batch-tokens | batches | largest batch (pairs, padded tokens) | peak RSS (MB) | seconds |")
-    print("|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['budget']} | {r['n_batches']} | {r['largest_batch_pairs']}, {r['largest_batch_padded_tokens']} | "
-              f"{r['peak_rss_mb']:.0f} | {r['seconds']:.0f} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": results}, indent=2) + "\n")
+    report(["--max-batch-tokens", "batches", "largest batch (pairs, padded tokens)", "peak RSS (MB)", "seconds"],
+           [[r["budget"], str(r["n_batches"]), f"{r['largest_batch_pairs']}, {r['largest_batch_padded_tokens']}",
+             f"{r['peak_rss_mb']:.0f}", f"{r['seconds']:.0f}"] for r in results], results, args.json)
 
 
 if __name__ == "__main__":
