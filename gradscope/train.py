@@ -264,10 +264,10 @@ class Trainer:
         self.val_encoded, _ = self._drop_identical(encode_pairs(self.loaded, val_pairs, cfg)[0], "validation")
         self.pad = pad_token_id(self.loaded.tokenizer)
 
-        self.net = self._trainable()
         self.exact = self.loss_fn.needs_grad_norm
-        if self.exact:
+        if self.exact:  # before any cache is built
             self._check_exact(mixed)
+        self.net = self._trainable()
         self.global_micro = cfg.batch_size * acc.num_processes
         self.per_epoch = len(self.encoded) // (self.global_micro * cfg.grad_accum)
         if self.per_epoch == 0:
