@@ -295,10 +295,10 @@ def _align(args) -> int:
     from .align import run_align
 
     s = run_align(config_from_args(args.config, args), log=lambda m: print(m, file=sys.stderr))
-    print(f"{s['n_pairs']} pairs, {s['seconds']:.0f} s; cosine of the BT and NormBT batch gradients "
+    print(f"{s['n_pairs']} pairs, {s['seconds']:.0f} s; cosine of the BT and NormBT batch updates "
           f"{s['cosine_bt_normbt_aggregates']:+.3f}; effective rank of K {s['spectrum']['effective_rank']:.1f}")
     for cat, share in s["share_of_aggregate_sq_norm"]["bt"].items():
-        print(f"  {cat:<10} share of the BT batch gradient {share:+.3f}   of NormBT's "
+        print(f"  {cat:<10} share of the BT batch update {share:+.3f}   of NormBT's "
               f"{s['share_of_aggregate_sq_norm']['normbt'][cat]:+.3f}")
     print(f"-> {args.out}")
     return 0
