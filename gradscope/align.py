@@ -39,6 +39,7 @@ from .gradients import ENGINES, block_of, block_order, identical_pairs
 from .gradients.ghost import _norm_dy_dw, _pairs
 from .inputs import DataOptions, ModelOptions
 from .model import RewardModel
+from .plotting import ordered_categories
 
 MAX_ELEMENTS = 1 << 26  # elements of instantiated pair gradients (or token Gram blocks) at a time
 LINEAR_METHOD = "auto"  # or "gram" / "instantiate" (the tests take both paths)
@@ -146,6 +147,12 @@ def tile_alignment(model: RewardModel, input_ids: torch.Tensor, attention_mask: 
     return grams, pg
 
 
+def _d_and_distance(pg) -> tuple[np.ndarray, np.ndarray]:
+    """(B,) r_w - r_l and ‖h_w - h_l‖ of an engine's PairGrads, as float64 arrays."""
+    return ((pg.rewards[:, 0] - pg.rewards[:, 1]).double().cpu().numpy(),
+            (pg.last_hidden[:, 0] - pg.last_hidden[:, 1]).double().norm(dim=-1).cpu().numpy())
+
+
 def compute_alignment(model: RewardModel, encoded: list[EncodedPair], *, pad_id: int = 0, tile: int = 64,
                       sketch: int | None = None, seed: int = 0, progress: bool = False) -> Alignment:
     """K over every parameter and per block for ``encoded`` (input order). Exact: ``tile`` pairs a pass,
@@ -174,8 +181,7 @@ def compute_alignment(model: RewardModel, encoded: list[EncodedPair], *, pad_id:
         for blk, k in per_block.items():
             full = blocks.setdefault(blk, np.zeros((N, N)))
             full[np.ix_(ix, ix)] = k.cpu().numpy()  # the two tiles and their cross block
-        d[ix] = (pg.rewards[:, 0] - pg.rewards[:, 1]).double().cpu().numpy()
-        dist[ix] = (pg.last_hidden[:, 0] - pg.last_hidden[:, 1]).double().norm(dim=-1).cpu().numpy()
+        d[ix], dist[ix] = _d_and_distance(pg)
     blocks = {k: blocks[k] for k in block_order(list(blocks))}
     return Alignment(sum(blocks.values()), blocks, d, dist)
 
@@ -199,8 +205,7 @@ def _sketched_alignment(model, encoded, tiles, sketcher: Sketcher, pad_id: int, 
         for blk, sk in per_block.items():
             parts.setdefault(blk, []).append(sk.cpu().numpy())
         ix = np.array(idx)
-        d[ix] = (pg.rewards[:, 0] - pg.rewards[:, 1]).double().cpu().numpy()
-        dist[ix] = (pg.last_hidden[:, 0] - pg.last_hidden[:, 1]).double().norm(dim=-1).cpu().numpy()
+        d[ix], dist[ix] = _d_and_distance(pg)
     blocks = {}
     for blk in block_order(list(parts)):
         S = np.concatenate(parts[blk])
@@ -310,7 +315,7 @@ def alignment_summary(al: Alignment, categories: list[str], n_boot: int = 999, s
         cols[f"coef_{name}"] = c
         agg[name] = {"norm": float(np.sqrt(max(total, 0))), "c": c, "Kc": Kc, "total": total}
     cats = np.array(categories)
-    levels = list(dict.fromkeys(c for c in ordered(categories)))
+    levels = ordered_categories(categories)
     share = {name: {cat: float((a["c"] * a["Kc"])[cats == cat].sum() / a["total"]) if a["total"] > 0 else float("nan")
                     for cat in levels} for name, a in agg.items()}
     bt, nbt = agg["bt"], agg["normbt"]
@@ -344,12 +349,6 @@ def alignment_summary(al: Alignment, categories: list[str], n_boot: int = 999, s
                "spectrum": {"eigenvalues_top": lam[:20].tolist(), "effective_rank": float(np.exp(-(nz * np.log(nz)).sum())),
                             "participation_ratio": float(lam.sum() ** 2 / (lam ** 2).sum()) if lam.any() else float("nan")}}
     return cols, summary
-
-
-def ordered(categories) -> list[str]:
-    from .plotting import ordered_categories
-
-    return ordered_categories(categories)
 
 
 def run_align(cfg: AlignConfig, log=print) -> dict:
