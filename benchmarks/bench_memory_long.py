@@ -4,11 +4,12 @@ Picks N RewardBench v1 pairs (``../shared/data``) whose longer side, as the mode
 it, is between ``--min-tokens`` and ``--max-length`` tokens, writes them to a temporary JSONL file,
 and runs the default correlate on them (SmolLM2, engine auto = ghost, max length 1,024) once per
 ``--budgets`` value (``none``: batches of ``--batch-size`` pairs only; a number: ``--max-batch-tokens``),
-each in a subprocess whose resident memory is sampled every 0.2 s. Prints the peak, the time and the
-batches chosen per budget. Memory does not depend on other jobs sharing the CPU; time does.
+with packed pairs and without (``--pack both``, the default: before and after packing), each in a
+subprocess whose resident memory is sampled every 0.2 s. Prints the peak, the time and the batches
+chosen per run. Memory does not depend on other jobs sharing the CPU; time does.
 
-    python benchmarks/bench_memory_long.py                               # 16 pairs, budgets 2048 4096
-    python benchmarks/bench_memory_long.py --budgets none 8192 4096 2048 --json out.json
+    python benchmarks/bench_memory_long.py                               # 16 pairs, budget 2048, unpacked and packed
+    python benchmarks/bench_memory_long.py --budgets none 8192 4096 2048 --pack on --json out.json
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def main() -> None:
     ap.add_argument("--min-tokens", type=int, default=512)
     ap.add_argument("--max-length", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--budgets", nargs="+", default=["2048", "4096"])
+    ap.add_argument("--budgets", nargs="+", default=["2048"])
+    ap.add_argument("--pack", choices=["both", "on", "off"], default="both",
+                    help="packed pairs (on), two rows a pair (off), or each budget both ways")
     ap.add_argument("--json", help="write the rows to this file")
     args = ap.parse_args()
     rows = long_rows(args.model, args.pairs, args.min_tokens, args.max_length)
@@ -64,11 +67,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "long.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        for budget in args.budgets:
-            out = Path(tmp) / f"out-{budget}"
+        packs = {"both": [False, True], "on": [True], "off": [False]}[args.pack]
+        for budget, pack in ((b, p) for b in args.budgets for p in packs):
+            out = Path(tmp) / f"out-{budget}-{pack}"
             cmd = [sys.executable, "-m", "gradscope", "correlate", "--model", args.model, "--data", str(data),
                    "--out", str(out), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
-                   "--no-progress", "--n-boot", "200"]
+                   "--no-progress", "--n-boot", "200", "--pack" if pack else "--no-pack"]
             if budget != "none":
                 cmd += ["--max-batch-tokens", budget]
             t0 = time.time()
@@ -86,9 +90,11 @@ def main() -> None:
             print(results[-1], flush=True)
     print(f"\n{len(rows)} RewardBench v1 pairs of {args.min_tokens}-{args.max_length} tokens (longer side), "
           f"{args.model}, batch size {args.batch_size}")
-    report(["--max-batch-tokens", "batches", "largest batch (pairs, padded tokens)", "peak RSS (MB)", "seconds"],
-           [[r["budget"], str(r["n_batches"]), f"{r['largest_batch_pairs']}, {r['largest_batch_padded_tokens']}",
-             f"{r['peak_rss_mb']:.0f}", f"{r['seconds']:.0f}"] for r in results], results, args.json)
+    report(["--max-batch-tokens", "packed pairs", "batches", "largest batch (pairs, padded tokens)", "peak RSS (MB)",
+            "seconds"],
+           [[r["budget"], str(r.get("packed_pairs", "off")), str(r["n_batches"]),
+             f"{r['largest_batch_pairs']}, {r['largest_batch_padded_tokens']}", f"{r['peak_rss_mb']:.0f}",
+             f"{r['seconds']:.0f}"] for r in results], results, args.json)
 
 
 if __name__ == "__main__":

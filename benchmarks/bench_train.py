@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_engines import CASES, build_case, peak_extra_mb, sync  # noqa: E402
 
 from gradscope.losses import PairFeatures, build_loss  # noqa: E402
+from gradscope.packing import Collated  # noqa: E402
 from gradscope.train import exact_backward  # noqa: E402
 
 LOSSES = ["bt", "normbt", "normbt_exact"]
@@ -43,7 +44,7 @@ def stepper(name: str):
 
     def step(model, ids, mask):
         if loss_fn.needs_grad_norm:
-            exact_backward(model, loss_fn, ids, mask)
+            exact_backward(model, loss_fn, Collated(ids, mask))
         else:
             B = ids.shape[0]
             out = model(torch.cat([ids[:, 0], ids[:, 1]]), torch.cat([mask[:, 0], mask[:, 1]]))

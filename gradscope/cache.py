@@ -39,6 +39,7 @@ import torch
 
 from .data import EncodedPair
 from .model import RewardModel, RewardOutput, cache_dir
+from .packing import shared_prefix_length
 
 FORMAT_VERSION = 1
 
@@ -77,15 +78,6 @@ def backbone_key(model: RewardModel, folder: str | os.PathLike | None) -> str:
 
 
 # ------------------------------------------------------------------------------------ computing
-
-
-def shared_prefix_length(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    """Tokens both sides start with, leaving at least one token of each side to run after it."""
-    n = 0
-    limit = min(len(a), len(b)) - 1
-    while n < limit and a[n] == b[n]:
-        n += 1
-    return n
 
 
 @torch.no_grad()

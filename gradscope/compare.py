@@ -12,7 +12,7 @@ import pandas as pd
 
 from . import tables as T
 from .config import opt, versions
-from .inputs import DataOptions, ModelOptions, load_inputs, max_batch_tokens_opt, option_names
+from .inputs import DataOptions, ModelOptions, load_inputs, max_batch_tokens_opt, option_names, pack_opt
 from .errors import GradscopeError
 from .evaluate import EvaluateConfig, evaluate_model, section_scores, subset_accuracies
 from .model import DEFAULT_MODEL
@@ -42,6 +42,7 @@ class CompareConfig(ModelOptions, DataOptions):
     n_boot: int = opt(2000, "Paired bootstrap resamples for accuracy differences.")
     batch_size: int = opt(16, "Pairs per forward batch at most.")
     max_batch_tokens: int | None = max_batch_tokens_opt()
+    pack: bool = pack_opt()
     feature_cache: bool = opt(True, "Read pooled states from the on-disk feature cache (see evaluate).")
     progress: bool = opt(True, "Show progress bars.")
 
@@ -60,8 +61,8 @@ def load_scores(spec: str, cfg: CompareConfig, pairs_cache: dict) -> pd.DataFram
             pairs_cache["pairs"] = cfg.load_pairs()
         shared = {k: getattr(cfg, k) for k in option_names(DataOptions) | option_names(ModelOptions)}
         ecfg = EvaluateConfig(**{**shared, "model": [spec]}, out=str(Path(cfg.out) / "scores" / p.name),
-                              batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens, progress=cfg.progress,
-                              feature_cache=cfg.feature_cache)
+                              batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens, pack=cfg.pack,
+                              progress=cfg.progress, feature_cache=cfg.feature_cache)
         evaluate_model(spec, ecfg, pairs_cache["pairs"], Path(ecfg.out))
         df = pd.read_parquet(Path(ecfg.out) / T.SCORES_FILE)
     T.require_columns(df, [T.PAIR_ID, T.SUBSET, T.CATEGORY, T.CORRECT], spec)
@@ -177,7 +178,7 @@ def distances_table(cfg: CompareConfig, pair_ids: set) -> pd.DataFrame:
         return df[[T.PAIR_ID, T.PROXY_L2]].rename(columns={T.PROXY_L2: T.DISTANCE})
     inputs = load_inputs(cfg, pairs=[p for p in cfg.load_pairs() if p.pair_id in pair_ids])
     scored = score_pairs(inputs.loaded, inputs.encoded, batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens,
-                         progress=cfg.progress, desc="distances", feature_cache=cfg.feature_cache)
+                         pack=cfg.pack, progress=cfg.progress, desc="distances", feature_cache=cfg.feature_cache)
     return scored[[T.PAIR_ID, T.PROXY_L2]].rename(columns={T.PROXY_L2: T.DISTANCE})
 
 

@@ -16,10 +16,10 @@ from accelerate import PartialState
 
 from . import tables as T
 from .config import opt, versions
-from .data import EncodedPair, PairEncoder, batching_summary, collate, length_batches
+from .data import EncodedPair, PairEncoder, batching_summary, collate_batch, length_batches
 from .errors import GradscopeError
 from .gradients import AUTO, ENGINES, PairGrads, block_of, block_order, get_engine, resolve_engine
-from .inputs import DataOptions, ModelOptions, load_inputs, max_batch_tokens_opt
+from .inputs import DataOptions, ModelOptions, load_inputs, max_batch_tokens_opt, pack_opt
 from .model import DTYPES, LoadedModel, fit_max_length, pad_token_id
 from .proxies import PROXIES
 from .stats import by_category, by_reward_diff_bin, correlations
@@ -41,6 +41,7 @@ class CorrelateConfig(ModelOptions, DataOptions):
     batch_size: int = opt(8, "Pairs per batch at most (one part file each; the unit of --resume).")
     # 2,048: SmolLM2's ghost pass on 512-1,024-token pairs peaks at 3.9 GB (benchmarks/bench_memory_long.py)
     max_batch_tokens: int | None = max_batch_tokens_opt(2048)
+    pack: bool = pack_opt()
     chunk_size: int = opt(2, "Pairs per vmap chunk (memory ≈ chunk × parameters).")
     padding_side: str = opt("right", "Pad side within a batch (results do not depend on it).",
                             choices=["right", "left"])
@@ -63,7 +64,7 @@ class CorrelateConfig(ModelOptions, DataOptions):
 
     def identity(self) -> dict:
         """The options that decide the numbers (a resumed run must match them)."""
-        skip = {"out", "resume", "progress", "threads", "batch_size", "max_batch_tokens", "chunk_size", "padding_side",
+        skip = {"out", "resume", "progress", "threads", "batch_size", "max_batch_tokens", "pack", "chunk_size", "padding_side",
                 "engine", "n_bins", "n_boot"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
@@ -112,9 +113,10 @@ def batch_rows(enc: list[EncodedPair], g: PairGrads) -> tuple[pd.DataFrame, pd.D
 
 def per_pair_table(loaded: LoadedModel, encoded: list[EncodedPair], *, engine: str = "ghost",
                    batch_size: int = 8, chunk_size: int = 2, padding_side: str = "right",
-                   progress: bool = False, on_batch=None, max_batch_tokens: int | None = None):
+                   progress: bool = False, on_batch=None, max_batch_tokens: int | None = None, pack: bool = True):
     """Compute every pair's quantities in batches of similar length (``length_batches``); yield
-    ``(pairs, blocks)`` frames per batch (also passed to ``on_batch``)."""
+    ``(pairs, blocks)`` frames per batch (also passed to ``on_batch``). With ``pack``, a causal model's
+    pairs run packed where they pack (:mod:`gradscope.packing`)."""
     from tqdm.auto import tqdm
 
     fn = get_engine(engine)
@@ -123,11 +125,12 @@ def per_pair_table(loaded: LoadedModel, encoded: list[EncodedPair], *, engine: s
                desc=f"correlate [{engine}]", dynamic_ncols=True)
     model = loaded.model
     try:
-        for idx in length_batches(encoded, batch_size, max_batch_tokens):
+        pack = pack and model.causal
+        dev = next(model.parameters()).device
+        for idx in length_batches(encoded, batch_size, max_batch_tokens, pack=pack):
             batch = [encoded[i] for i in idx]
-            ids, mask = collate(batch, pad_id=pad, padding_side=padding_side)
-            dev = next(model.parameters()).device
-            g = fn(model, ids.to(dev), mask.to(dev), chunk_size=chunk_size)
+            args = collate_batch(batch, pad_id=pad, padding_side=padding_side, pack=pack).to(dev).engine_args()
+            g = fn(model, **args, chunk_size=chunk_size)
             frames = batch_rows(batch, _to_cpu(g))
             if on_batch is not None:
                 on_batch(frames)
@@ -220,8 +223,8 @@ def run_correlate(cfg: CorrelateConfig, log=print) -> dict:
         part[0] += 1
 
     for _ in per_pair_table(loaded, shard, engine=engine, batch_size=cfg.batch_size,
-                            max_batch_tokens=cfg.max_batch_tokens, chunk_size=cfg.chunk_size, padding_side=cfg.padding_side,
-                            progress=cfg.progress and state.is_main_process, on_batch=save_batch):
+                            max_batch_tokens=cfg.max_batch_tokens, pack=cfg.pack, chunk_size=cfg.chunk_size,
+                            padding_side=cfg.padding_side, progress=cfg.progress and state.is_main_process, on_batch=save_batch):
         pass
     state.wait_for_everyone()
     if not state.is_main_process:
@@ -235,7 +238,8 @@ def run_correlate(cfg: CorrelateConfig, log=print) -> dict:
     summary = summarise(df, cfg, loaded, engine=engine, seconds=time.perf_counter() - t0,
                         resumed=bool(done), max_length=max_len)
     summary["processes"] = world
-    summary["batching"] = batching_summary(encoded, cfg.batch_size, cfg.max_batch_tokens)
+    summary["batching"] = batching_summary(encoded, cfg.batch_size, cfg.max_batch_tokens,
+                                           pack=cfg.pack and loaded.model.causal)
     T.write_parquet(df, out / T.PAIRS_FILE)
     T.write_parquet(blocks, out / T.GRAD_BLOCKS_FILE)
     write_fig8(df, out / T.FIG8_FILE, title=cfg.model)

@@ -25,6 +25,8 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from .errors import DataError
+from .packing import Collated, packed_length, packs, shared_prefix_length
+from .packing import pack as pack_rows
 from .rewardbench import category_for
 
 DEMO = "demo"
@@ -345,6 +347,9 @@ class PairEncoder:
     A reward is read at the end of the response, so a side that is too long loses tokens from the
     START (``truncation="left"``, the default): the oldest prompt turns go first, the end of the
     response never. A leading special token (BOS, ``[CLS]``, ``<|im_start|>``) is kept in front.
+    The two sides of a pair lose the same tokens where they share them (the prompt), so both keep one
+    and the same prompt (and a causal model's pair still packs, :mod:`gradscope.packing`); only a
+    side still too long after the shared tokens are gone loses its own.
     ``truncation="right"`` keeps the first tokens instead (gradscope's rule before 2026-12). Cut
     sides are counted as truncated; the tokenizer's own "longer than the maximum" warning is
     silenced, since nothing that long reaches the model."""
@@ -360,7 +365,7 @@ class PairEncoder:
         self.use_template = bool(chat_template and getattr(tokenizer, "chat_template", None))
         self._special = set(getattr(tokenizer, "all_special_ids", []) or [])
 
-    def encode_side(self, messages: Iterable[dict]) -> tuple[list[int], bool]:
+    def tokens(self, messages: Iterable[dict]) -> list[int]:
         messages = list(messages)
         if self.use_template:
             text = self.tokenizer.apply_chat_template(messages, tokenize=False)
@@ -368,7 +373,7 @@ class PairEncoder:
         else:
             text = "\n\n".join(m["content"] for m in messages)
             ids = self.tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
-        return self.truncate(list(ids))
+        return list(ids)
 
     def truncate(self, ids: list[int]) -> tuple[list[int], bool]:
         """``ids`` cut to ``max_length`` by the truncation rule, and whether it was cut."""
@@ -381,9 +386,14 @@ class PairEncoder:
         return ids[:keep_head] + ids[len(ids) - (n - keep_head):], True
 
     def encode(self, pair: Pair) -> EncodedPair:
-        c, tc = self.encode_side(pair.chosen)
-        r, tr = self.encode_side(pair.rejected)
-        return EncodedPair(pair, tuple(c), tuple(r), tc or tr)
+        c, r = self.tokens(pair.chosen), self.tokens(pair.rejected)
+        over = max(len(c), len(r)) - self.max_length
+        if over > 0 and self.truncation == "left":  # the shared tokens go first, from both sides alike
+            keep_head = 1 if c[0] in self._special else 0
+            drop = max(0, min(over, shared_prefix_length(c, r) - keep_head))
+            c, r = c[:keep_head] + c[keep_head + drop:], r[:keep_head] + r[keep_head + drop:]
+        (c, _), (r, _) = self.truncate(c), self.truncate(r)
+        return EncodedPair(pair, tuple(c), tuple(r), over > 0)
 
 
 def collate(encoded: list[EncodedPair], pad_id: int = 0, padding_side: str = "right"):
@@ -404,31 +414,59 @@ def collate(encoded: list[EncodedPair], pad_id: int = 0, padding_side: str = "ri
     return ids, mask
 
 
-def length_batches(encoded: list[EncodedPair], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
+def collate_batch(encoded: list[EncodedPair], pad_id: int = 0, padding_side: str = "right",
+                  pack: bool = False) -> Collated:
+    """A batch as the engines and the model take it: with ``pack`` (a causal model) and every pair
+    packing (:func:`gradscope.packing.packs`; :func:`length_batches` batches such pairs together), one
+    packed row per pair, else :func:`collate`'s (B, 2, T)."""
+    if pack and all(packs(e.chosen_ids, e.rejected_ids) for e in encoded):
+        return pack_rows([(e.chosen_ids, e.rejected_ids) for e in encoded], pad_id=pad_id, padding_side=padding_side)
+    return Collated(*collate(encoded, pad_id=pad_id, padding_side=padding_side))
+
+
+def _layout(e: EncodedPair, pack: bool) -> tuple[bool, int, int]:
+    """(packed, row length, rows): a packed pair is one row of its packed length, else two rows of its longest side."""
+    if pack and packs(e.chosen_ids, e.rejected_ids):
+        return True, packed_length(e.chosen_ids, e.rejected_ids), 1
+    return False, max(len(e.chosen_ids), len(e.rejected_ids)), 2
+
+
+def length_batches(encoded: list[EncodedPair], batch_size: int, max_batch_tokens: int | None = None,
+                   pack: bool = False) -> list[list[int]]:
     """Indices of ``encoded`` in batches of similar length, shortest first: at most ``batch_size``
-    pairs, and at most ``max_batch_tokens`` padded tokens (pairs × 2 sides × the longest side) per
-    batch, so that long pairs go in smaller batches; a pair longer than the budget goes alone."""
-    order = sorted(range(len(encoded)), key=lambda i: max(len(encoded[i].chosen_ids), len(encoded[i].rejected_ids)))
+    pairs, and at most ``max_batch_tokens`` padded tokens (rows × the longest row: pairs × 2 sides ×
+    the longest side, or pairs × the longest packed row) per batch, so that long pairs go in smaller
+    batches; a pair longer than the budget goes alone. With ``pack`` (a causal model), the pairs that
+    pack are batched apart from those that do not, after them."""
+    layouts = [_layout(e, pack) for e in encoded]
+    order = sorted(range(len(encoded)), key=lambda i: layouts[i][:2])
     batches: list[list[int]] = []
     for i in order:
-        longest = max(len(encoded[i].chosen_ids), len(encoded[i].rejected_ids))  # the batch's longest (sorted)
+        packed, width, rows = layouts[i]  # the batch's longest row (sorted)
         last = batches[-1] if batches else None
-        if (last is not None and len(last) < batch_size
-                and (max_batch_tokens is None or (len(last) + 1) * 2 * longest <= max_batch_tokens)):
+        if (last is not None and len(last) < batch_size and layouts[last[0]][0] == packed
+                and (max_batch_tokens is None or (len(last) + 1) * rows * width <= max_batch_tokens)):
             last.append(i)
         else:
             batches.append([i])
     return batches
 
 
-def batching_summary(encoded: list[EncodedPair], batch_size: int, max_batch_tokens: int | None) -> dict:
-    """What :func:`length_batches` chose, for a run's summary."""
-    batches = length_batches(encoded, batch_size, max_batch_tokens)
-    padded = [2 * len(b) * max(max(len(encoded[i].chosen_ids), len(encoded[i].rejected_ids)) for i in b)
-              for b in batches]
-    return {"batch_size": batch_size, "max_batch_tokens": max_batch_tokens, "n_batches": len(batches),
-            "largest_batch_pairs": max((len(b) for b in batches), default=0),
-            "largest_batch_padded_tokens": max(padded, default=0)}
+def batching_summary(encoded: list[EncodedPair], batch_size: int, max_batch_tokens: int | None,
+                     pack: bool = False) -> dict:
+    """What :func:`length_batches` chose, for a run's summary: the batches, and with ``pack`` how many
+    pairs packed and the real tokens run packed against unpacked."""
+    batches = length_batches(encoded, batch_size, max_batch_tokens, pack)
+    layouts = [_layout(e, pack) for e in encoded]
+    padded = [len(b) * layouts[b[-1]][2] * max(layouts[i][1] for i in b) for b in batches]
+    out = {"batch_size": batch_size, "max_batch_tokens": max_batch_tokens, "n_batches": len(batches),
+           "largest_batch_pairs": max((len(b) for b in batches), default=0),
+           "largest_batch_padded_tokens": max(padded, default=0), "pack": pack}
+    if pack:
+        unpacked = sum(len(e.chosen_ids) + len(e.rejected_ids) for e in encoded)
+        run = sum(lay[1] if lay[0] else len(e.chosen_ids) + len(e.rejected_ids) for e, lay in zip(encoded, layouts))
+        out.update(packed_pairs=sum(lay[0] for lay in layouts), tokens_unpacked=unpacked, tokens_run=run)
+    return out
 
 
 def stack_chosen_rejected(x: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from . import tables as T
 from .config import opt, versions
 from .data import batching_summary
 from .errors import GradscopeError
-from .inputs import DataOptions, ModelOptions, load_inputs, max_batch_tokens_opt
+from .inputs import DataOptions, ModelOptions, load_inputs, max_batch_tokens_opt, pack_opt
 from .model import ALIASES, DEFAULT_MODEL
 from .rewardbench import CATEGORIES, EXAMPLE_COUNTS, SECTIONS, SUBSET_TO_CATEGORY
 from .scoring import score_pairs
@@ -108,6 +108,7 @@ class EvaluateConfig(ModelOptions, DataOptions):
                    "sub-directory per model when several are given).")
     batch_size: int = opt(16, "Pairs per forward batch at most (results do not depend on it).")
     max_batch_tokens: int | None = max_batch_tokens_opt()
+    pack: bool = pack_opt()
     padding_side: str = opt("right", "Pad side (results do not depend on it).", choices=["right", "left"])
     feature_cache: bool = opt(True, "Read each backbone's pooled states from the on-disk feature cache (computing "
                               "and storing those missing), so that heads trained on one frozen backbone "
@@ -128,7 +129,7 @@ def evaluate_model(spec: str, cfg: EvaluateConfig, pairs, out: Path) -> dict:
     inputs = load_inputs(cfg, pairs=pairs, source=spec)
     loaded, encoded = inputs.loaded, inputs.encoded
     rewards = score_pairs(loaded, encoded, batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens,
-                          padding_side=cfg.padding_side,
+                          padding_side=cfg.padding_side, pack=cfg.pack,
                           progress=cfg.progress, desc=f"evaluate {model_label(spec)}", feature_cache=cfg.feature_cache)
     scores = scores_table(rewards)
     subsets = subset_accuracies(scores)
@@ -136,7 +137,8 @@ def evaluate_model(spec: str, cfg: EvaluateConfig, pairs, out: Path) -> dict:
               "accuracy": float(scores[T.CORRECT].mean()), "subsets": subsets, **section_scores(subsets),
               "counts": {"pairs": int(len(scores)), "ties": int((scores[T.MARGIN] == 0).sum()),
                          "truncated": int(sum(e.truncated for e in encoded))},
-              "batching": batching_summary(encoded, cfg.batch_size, cfg.max_batch_tokens),
+              "batching": batching_summary(encoded, cfg.batch_size, cfg.max_batch_tokens,
+                                           pack=cfg.pack and loaded.model.causal),
               "seconds": round(time.perf_counter() - t0, 3), "versions": versions(),
               "config": dataclasses.asdict(cfg)}
     T.write_parquet(scores, out / T.SCORES_FILE)

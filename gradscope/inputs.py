@@ -53,8 +53,8 @@ class DataOptions:
     sample: str = data_opt("first", "Which N pairs --limit keeps: the first N, or N spread evenly over the subsets "
                            "of every category.", choices=list(SAMPLE_MODES))
     max_length: int = data_opt(1024, "Tokens kept per side (prompt + response, capped by the model's positions); a "
-                               "longer side loses its oldest prompt tokens, never the end of the response, and is "
-                               "flagged.")
+                               "longer pair loses its oldest prompt tokens, on both sides alike, never the end of a "
+                               "response, and is flagged.")
     chat_template: bool = data_opt(True, "Apply the tokenizer's chat template when it has one.")
     prompt_field: str = data_opt("prompt", "Row field holding the prompt (string or list of messages).")
     chosen_field: str = data_opt("chosen", "Row field holding the chosen response.")
@@ -81,6 +81,13 @@ def max_batch_tokens_opt(default: int | None = None):
     return opt(default, "Padded tokens per batch at most (pairs × 2 sides × longest side): long pairs go in smaller "
                "batches, a pair over the budget alone; results do not depend on it. Memory grows with it "
                "(attention keeps heads × T × T per side).")
+
+
+def pack_opt():
+    """Packed pairs, for the commands that run the model on pairs (help written once)."""
+    return opt(True, "Run each pair of a causal decoder as one row, [prompt; chosen rest; rejected rest], its shared "
+               "prefix computed once (gradscope/packing.py): the same numbers from fewer tokens. Pairs whose shared "
+               "prefix is missing or too short to pay, and encoders, run as two rows; --no-pack: always two rows.")
 
 
 def option_names(cls) -> set[str]:

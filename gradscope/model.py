@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import ModelError
+from .packing import packed_keep, packed_position_ids, side_masks
 
 HEAD_FILE = "head.safetensors"
 TOP_FILE = "top_layers.safetensors"  # the trained top blocks of a --train-layers K checkpoint
@@ -67,7 +68,11 @@ def additive_mask(attention_mask: torch.Tensor, causal: bool, dtype: torch.dtype
     keep = attention_mask[:, None, None, :].bool()  # (N, 1, 1, T) keys that are real tokens
     if causal:
         keep = keep & torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
-    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    return _additive(keep, dtype)
+
+
+def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    zero = torch.zeros((), dtype=dtype, device=keep.device)
     return torch.where(keep, zero, torch.full((), mask_fill_value(dtype), dtype=dtype, device=zero.device))
 
 
@@ -128,13 +133,17 @@ class RewardModel(nn.Module):
         # the keyword of the KV cache: `cache` from transformers 5.x, `past_key_values` before
         self.kv_cache_arg = next((k for k in ("cache", "past_key_values") if k in params), None)
 
-    def backbone_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
-        """The backbone's keyword arguments: ready 4-D additive mask, position ids from the mask."""
-        kwargs = dict(
-            input_ids=input_ids,
-            attention_mask=additive_mask(attention_mask, self.causal, self.head.weight.dtype),  # (N, 1, T, T)
-            position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),  # (N, T)
-        )
+    def backbone_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        segments: torch.Tensor | None = None) -> dict:
+        """The backbone's keyword arguments: ready 4-D additive mask, position ids from the mask (a packed
+        row, ``segments`` given: from its segments, see :mod:`gradscope.packing`)."""
+        if segments is None:
+            mask = additive_mask(attention_mask, self.causal, self.head.weight.dtype)  # (N, 1, T, T)
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (N, T)
+        else:
+            mask = _additive(packed_keep(segments), self.head.weight.dtype)
+            positions = packed_position_ids(segments)
+        kwargs = dict(input_ids=input_ids, attention_mask=mask, position_ids=positions)
         if self._token_types:
             kwargs["token_type_ids"] = torch.zeros_like(input_ids)
         if self._use_cache:
@@ -151,10 +160,17 @@ class RewardModel(nn.Module):
         idx = (last_token_index if self.pooling == "last" else first_token_index)(attention_mask)  # (N,)
         return torch.gather(h, 1, idx[:, None, None].expand(-1, 1, h.shape[-1])).squeeze(1), mean  # (N, H)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> RewardOutput:
-        # input_ids, attention_mask: (N, T)
-        h = self.backbone(**self.backbone_inputs(input_ids, attention_mask)).last_hidden_state  # (N, T, H)
-        pooled, mean = self.pool(h, attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                segments: torch.Tensor | None = None) -> RewardOutput:
+        """input_ids, attention_mask: (N, T) sequences, or with ``segments`` (N, T) N packed pairs
+        (:mod:`gradscope.packing`); the outputs have a row per sequence, packed pairs' laid out as
+        [chosen; rejected] (2N rows)."""
+        h = self.backbone(**self.backbone_inputs(input_ids, attention_mask, segments)).last_hidden_state  # (N, T, H)
+        if segments is None:
+            pooled, mean = self.pool(h, attention_mask)
+        else:  # each side reads the prompt's states and its own rest's
+            (pc, mc), (pr, mr) = (self.pool(h, side) for side in side_masks(segments))
+            pooled, mean = torch.cat([pc, pr]), torch.cat([mc, mr])  # (2N, H)
         if self.head_norm is not None:
             pooled = self.head_norm(pooled)
         rewards = self.head(pooled).squeeze(-1)  # (N,)

@@ -6,19 +6,21 @@ import pandas as pd
 import torch
 
 from . import tables as T
-from .data import EncodedPair, collate, length_batches, stack_chosen_rejected
+from .data import EncodedPair, collate_batch, length_batches
 from .model import LoadedModel, pad_token_id
 
 
 @torch.no_grad()
 def score_pairs(loaded: LoadedModel, encoded: list[EncodedPair], *, batch_size: int = 16,
                 padding_side: str = "right", progress: bool = False, desc: str = "score",
-                feature_cache: bool = False, log=None, max_batch_tokens: int | None = None) -> pd.DataFrame:
+                feature_cache: bool = False, log=None, max_batch_tokens: int | None = None,
+                pack: bool = False) -> pd.DataFrame:
     """One row per pair, in input order: pair_id, subset, category, reward_chosen, reward_rejected,
     proxy_l2 (‖h_w - h_l‖ of the pooled states, the head's input). With ``feature_cache`` the
     backbone's pooled states come from the on-disk feature cache (computed and stored where
     missing), and only the head runs here; for a checkpoint that trained its top K blocks
-    (``--train-layers K``), the cache holds the frozen trunk's output and the top K blocks run."""
+    (``--train-layers K``), the cache holds the frozen trunk's output and the top K blocks run. With
+    ``pack``, a causal model's pairs run packed (:mod:`gradscope.packing`) where they pack."""
     from tqdm.auto import tqdm
 
     model = loaded.model
@@ -41,14 +43,15 @@ def score_pairs(loaded: LoadedModel, encoded: list[EncodedPair], *, batch_size: 
     dist = torch.empty(len(encoded), dtype=torch.float64)
     with tqdm(total=len(encoded), unit="pair", disable=not progress or states is not None, desc=desc,
               dynamic_ncols=True) as bar:
-        for idx in length_batches(encoded, batch_size, max_batch_tokens):
+        pack = pack and model.causal and trunk is None and states is None  # the top blocks run on unpacked trunk states
+        for idx in length_batches(encoded, batch_size, max_batch_tokens, pack=pack):
             if states is not None:
                 out = head_forward(model, states[idx].to(dev))
             else:
-                ids, mask = collate([encoded[i] for i in idx], pad_id=pad, padding_side=padding_side)  # (b, 2, T)
-                ids, mask = stack_chosen_rejected(ids).to(dev), stack_chosen_rejected(mask).to(dev)
-                out = (model(ids, mask) if trunk is None
-                       else net(ids, mask, trunk.batch(idx, padding_side=padding_side).to(dev)))
+                batch = collate_batch([encoded[i] for i in idx], pad_id=pad, padding_side=padding_side, pack=pack)
+                args = batch.to(dev).model_args()  # outputs: 2b rows [chosen; rejected] either way
+                out = (model(**args) if trunk is None
+                       else net(args["input_ids"], args["attention_mask"], trunk.batch(idx, padding_side=padding_side).to(dev)))
             b = len(idx)
             r = out.rewards.double().cpu()  # (2b,) [chosen; rejected]
             h = out.last_hidden.double().cpu()  # (2b, H)

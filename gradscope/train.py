@@ -40,11 +40,12 @@ import torch
 from . import tables as T
 from .config import opt, reopt, versions
 from .cache import FeatureStore, backbone_key, head_forward
-from .data import EncodedPair, Pair, collate, length_batches, split_by_prompt, stack_chosen_rejected
+from .data import EncodedPair, Pair, collate_batch, length_batches, split_by_prompt
 from .errors import DataError, GradscopeError
 from .losses import LOSSES, LossOutput, PairFeatures, build_loss, effective_sample_size, last_l2
-from .inputs import DataOptions, ModelOptions, encode_pairs, load_inputs, max_batch_tokens_opt
+from .inputs import DataOptions, ModelOptions, encode_pairs, load_inputs, max_batch_tokens_opt, pack_opt
 from .model import CHECKPOINT_META, RewardModel, pad_token_id, save_head_checkpoint, save_reward_model
+from .packing import Collated
 from .trunk import TopBlocks, TrunkStates, TrunkStore, split_backbone
 
 TRAINER_STATE = "trainer_state"
@@ -73,6 +74,7 @@ class TrainConfig(ModelOptions, DataOptions):
     weight_decay: float = opt(0.0, "Weight decay.")
     batch_size: int = opt(4, "Pairs per process per micro-batch.")
     max_batch_tokens: int | None = max_batch_tokens_opt()
+    pack: bool = pack_opt()
     grad_accum: int = opt(4, "Micro-batches per optimizer step (effective batch = batch × accum × processes).")
     epochs: int = opt(1, "Passes over the data (when --max-steps is not given).")
     max_steps: int | None = opt(None, "Stop after this many optimizer steps.")
@@ -268,6 +270,8 @@ class Trainer:
         if self.exact:  # before any cache is built
             self._check_exact(mixed)
         self.net = self._trainable()
+        # packed pairs where the whole model runs on tokens (the cached trunk's states are laid out unpacked)
+        self.pack = cfg.pack and model.causal and cfg.train_layers == "all"
         self.global_micro = cfg.batch_size * acc.num_processes
         self.per_epoch = len(self.encoded) // (self.global_micro * cfg.grad_accum)
         if self.per_epoch == 0:
@@ -377,7 +381,7 @@ class Trainer:
         with torch.no_grad(), acc.autocast():
             for c in chunks:
                 if self.exact:
-                    parts.append(exact_features(self.model, *self._ids(idx(c)))[:2])
+                    parts.append(exact_features(self.model, self._batch(idx(c)))[:2])
                 else:
                     parts.append(self.forward(self.net, idx(c), self.encoded, self.states))
         inverse = torch.empty(b, dtype=torch.long)
@@ -393,7 +397,7 @@ class Trainer:
             sync = nullcontext() if last and n == len(chunks) - 1 else acc.no_sync(self.net)
             if self.exact:
                 kept: list = []
-                g = ENGINES["ghost"](self.model, *self._ids(idx(c)), keep=kept)
+                g = ENGINES["ghost"](self.model, **self._batch(idx(c)).engine_args(), keep=kept)
                 dc = (g.rewards[:, 0] - g.rewards[:, 1]).to(d.dtype).requires_grad_(True)
                 per = self.loss_fn.base_loss(dc, m)
                 ((w[sel] * per).sum() / (b * cfg.grad_accum)).backward()
@@ -406,12 +410,13 @@ class Trainer:
             per_pair[sel] = per.detach()
         return d, feats, LossOutput((w * per_pair).mean(), per_pair, w, dist)
 
-    def _ids(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = collate([self.encoded[i] for i in idx], pad_id=self.pad)  # (B, 2, T)
-        return ids.to(self.acc.device), mask.to(self.acc.device)
+    def _batch(self, idx: list[int], encoded: list[EncodedPair] | None = None):
+        """The pairs ``idx`` collated (packed where they pack), on the device."""
+        encoded = self.encoded if encoded is None else encoded
+        return collate_batch([encoded[i] for i in idx], pad_id=self.pad, pack=self.pack).to(self.acc.device)
 
     def exact_micro_batch(self, idx: list[int], margin: torch.Tensor | None):
-        return exact_backward(self.model, self.loss_fn, *self._ids(idx), margin, scale=1 / self.cfg.grad_accum)
+        return exact_backward(self.model, self.loss_fn, self._batch(idx), margin, scale=1 / self.cfg.grad_accum)
 
     def _drop_identical(self, encoded: list[EncodedPair], what: str) -> tuple[list[EncodedPair], int]:
         # a pair whose sides are the same tokens (after truncation) has d = 0 and ∇d = 0 under every
@@ -458,10 +463,11 @@ class Trainer:
         dev = self.acc.device
         if isinstance(states, torch.Tensor):
             o = net(states[idx])
-        else:
-            ids, mask = collate([encoded[i] for i in idx], pad_id=self.pad)  # (B, 2, T)
-            trunk = (states.batch(idx).to(dev),) if states is not None else ()  # (2B, T, H)
-            o = net(stack_chosen_rejected(ids).to(dev), stack_chosen_rejected(mask).to(dev), *trunk)
+        elif states is not None:  # the top blocks on the trunk's states (2B, T, H), unpacked
+            args = self._batch(idx, encoded).model_args()
+            o = net(args["input_ids"], args["attention_mask"], states.batch(idx).to(dev))
+        else:  # outputs: 2B rows [chosen; rejected], packed or not
+            o = net(**self._batch(idx, encoded).model_args())
         b = len(idx)
         dtype = torch.promote_types(o.rewards.dtype, torch.float32)  # the loss in float32 (float64 if the model is)
         d = (o.rewards[:b] - o.rewards[b:]).to(dtype)
@@ -477,6 +483,8 @@ class Trainer:
             margin = (torch.tensor([self.encoded[i].pair.margin for i in mine], dtype=self.model.head.weight.dtype,
                                    device=acc.device)
                       if self.loss_fn.needs_margin else None)
+            # split by the token budget alone (every process runs one forward per chunk, as DDP needs); a
+            # chunk runs packed when all its pairs pack
             chunks = length_batches([self.encoded[i] for i in mine], len(mine), cfg.max_batch_tokens)
             if len(chunks) > 1:  # over the token budget: in chunks, the same gradient
                 d, feats, lo = self.chunked_micro_batch(mine, margin, chunks, last=micro == cfg.grad_accum - 1)
@@ -525,7 +533,7 @@ class Trainer:
         net = self.acc.unwrap_model(self.net)
         net.eval()
         n, ds = len(self.val_encoded), []
-        batches = length_batches(self.val_encoded, 2 * self.cfg.batch_size, self.cfg.max_batch_tokens)
+        batches = length_batches(self.val_encoded, 2 * self.cfg.batch_size, self.cfg.max_batch_tokens, pack=self.pack)
         with self.acc.autocast():
             for idx in batches:
                 d, _ = self.forward(net, idx, self.val_encoded, self.val_states)
@@ -623,11 +631,11 @@ class Trainer:
                 T.write_parquet(pd.DataFrame(rows), self.out / LOG_DIR / f"{name}-{first:09d}-{step:09d}.parquet")
 
 
-def exact_features(model: RewardModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep=None):
+def exact_features(model: RewardModel, batch: Collated, keep=None):
     """(d (B,), PairFeatures with the exact ‖∇θ d‖, the engine's PairGrads) from one ghost pass."""
     from .gradients import ENGINES
 
-    g = ENGINES["ghost"](model, input_ids, attention_mask, keep=keep)
+    g = ENGINES["ghost"](model, **batch.engine_args(), keep=keep)
     dtype = torch.promote_types(g.rewards.dtype, torch.float32)
     d = (g.rewards[:, 0] - g.rewards[:, 1]).to(dtype)
     feats = PairFeatures(*(x.to(dtype) for x in (g.last_hidden[:, 0], g.last_hidden[:, 1], g.mean_hidden[:, 0],
@@ -635,9 +643,9 @@ def exact_features(model: RewardModel, input_ids: torch.Tensor, attention_mask: 
     return d, feats, g
 
 
-def exact_backward(model: RewardModel, loss_fn, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   margin: torch.Tensor | None = None, scale: float = 1.0):
-    """Exact-norm NormBT on one micro-batch (B, 2, T), in one forward and one backward: the ghost
+def exact_backward(model: RewardModel, loss_fn, batch: Collated, margin: torch.Tensor | None = None,
+                   scale: float = 1.0):
+    """Exact-norm NormBT on one micro-batch (packed or not), in one forward and one backward: the ghost
     engine's backward of S = Σ_i d_i gives each pair's ‖∇θ d_i‖ and keeps every layer's inputs and
     output gradients; the loss then gives c_i = scale · ∂loss/∂d_i (weights from those norms), and
     ``weighted_grads`` adds Σ_i c_i ∇θ d_i into ``.grad`` from what was kept.
@@ -645,7 +653,7 @@ def exact_backward(model: RewardModel, loss_fn, input_ids: torch.Tensor, attenti
     from .gradients.ghost import weighted_grads
 
     kept: list = []
-    d, feats, _ = exact_features(model, input_ids, attention_mask, keep=kept)
+    d, feats, _ = exact_features(model, batch, keep=kept)
     d.requires_grad_(True)
     lo = loss_fn(d, feats, margin)
     (lo.loss * scale).backward()  # d.grad = c

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from tiny import tiny_reward_model
 
 import gradscope.cache as cache_mod
-from gradscope.cache import FeatureStore, compute_states, head_forward, shared_prefix_length
+from gradscope.cache import FeatureStore, compute_states, head_forward
+from gradscope.packing import shared_prefix_length
 from gradscope.data import EncodedPair, Pair, collate, stack_chosen_rejected
 from gradscope.errors import ModelError
 from gradscope.losses import PairFeatures, build_loss

@@ -56,25 +56,29 @@ def test_contract_columns_and_files(demo_run):
     assert not (out / correlate_mod.PARTIAL_DIR).exists()
 
 
-@pytest.mark.parametrize("engine", ["loop", "vmap"])
-def test_engines_give_the_same_table(demo_run, tiny_model_dir, tmp_path, engine):
+@pytest.mark.parametrize("engine,pack", [("loop", False), ("vmap", True)])
+def test_engines_give_the_same_table(demo_run, tiny_model_dir, tmp_path, engine, pack):
+    """Every engine, packed (the default) or not, gives the ghost engine's packed table."""
     out, summary = demo_run
     assert (summary["engine"], summary["engine_requested"]) == ("ghost", "auto")
-    run_correlate(cfg(tiny_model_dir, tmp_path, engine=engine, padding_side="left", batch_size=5),
-                  log=lambda m: None)
+    s = run_correlate(cfg(tiny_model_dir, tmp_path, engine=engine, padding_side="left", batch_size=5, pack=pack),
+                      log=lambda m: None)
+    assert s["batching"]["pack"] is pack
     a, b = pd.read_parquet(out / T.PAIRS_FILE), pd.read_parquet(tmp_path / T.PAIRS_FILE)
     pd.testing.assert_frame_equal(a, b, rtol=1e-6)
 
 
 def test_a_token_budget_changes_the_batches_not_the_numbers(demo_run, tiny_model_dir, tmp_path):
     out, summary = demo_run
-    assert summary["batching"]["n_batches"] == 3 and summary["batching"]["max_batch_tokens"] is None  # 24 pairs, 8 a batch
+    batching = summary["batching"]  # 24 pairs, 8 a batch, packed and unpacked apart
+    assert batching["max_batch_tokens"] is None and batching["n_batches"] >= 3
+    assert batching["pack"] and 0 < batching["packed_pairs"] <= 24 and batching["tokens_run"] < batching["tokens_unpacked"]
     assert CorrelateConfig().max_batch_tokens == 2048  # the command's default
-    for budget in (2048, 700):
+    for budget in (700, 300):
         s = run_correlate(cfg(tiny_model_dir, tmp_path / str(budget), max_batch_tokens=budget), log=lambda m: None)
         a, b = pd.read_parquet(out / T.PAIRS_FILE), pd.read_parquet(tmp_path / str(budget) / T.PAIRS_FILE)
         pd.testing.assert_frame_equal(a, b, rtol=1e-10)
-        assert s["batching"]["max_batch_tokens"] == budget and s["batching"]["n_batches"] > 3
+        assert s["batching"]["max_batch_tokens"] == budget and s["batching"]["n_batches"] > batching["n_batches"]
 
 
 def test_length_batches_keep_the_budget_and_every_pair_once():
@@ -109,14 +113,16 @@ def test_interrupted_run_leaves_no_result_and_resumes(demo_run, tiny_model_dir, 
     with pytest.raises(KeyboardInterrupt):
         run_correlate(cfg(tiny_model_dir, tmp_path), log=lambda m: None)
     assert not any((tmp_path / f).exists() for f in (T.PAIRS_FILE, T.GRAD_BLOCKS_FILE, T.SUMMARY_FILE, T.FIG8_FILE))
-    assert len(list((tmp_path / correlate_mod.PARTIAL_DIR).glob("pairs-*.parquet"))) == 2
+    parts = sorted((tmp_path / correlate_mod.PARTIAL_DIR).glob("pairs-*.parquet"))
+    assert len(parts) == 2
+    done = sum(len(pd.read_parquet(f)) for f in parts)
 
     monkeypatch.setattr(correlate_mod, "batch_rows", real)
     messages = []
     with pytest.raises(Exception, match="different options"):
         run_correlate(cfg(tiny_model_dir, tmp_path, resume=True, max_length=7), log=messages.append)
     summary = run_correlate(cfg(tiny_model_dir, tmp_path, resume=True), log=messages.append)
-    assert "resuming: 16 of 24 pairs already done" in messages
+    assert f"resuming: {done} of 24 pairs already done" in messages
     assert summary["resumed"] is True
     pd.testing.assert_frame_equal(pd.read_parquet(out / T.PAIRS_FILE), pd.read_parquet(tmp_path / T.PAIRS_FILE),
                                   rtol=1e-9)

@@ -9,6 +9,7 @@ import torch
 from gradscope.cli import main
 from gradscope.data import FieldNames, PairEncoder, collate, load_pairs
 from gradscope.errors import DataError
+from gradscope.packing import shared_prefix_length
 from tiny import tiny_tokenizer
 
 
@@ -113,13 +114,17 @@ def test_truncation_drops_the_oldest_prompt_tokens_and_keeps_the_response_end():
     p = _long_prompt_pair()
     full = PairEncoder(tok, max_length=10_000, chat_template=False).encode(p)
     e = PairEncoder(tok, max_length=12, chat_template=False).encode(p)
-    assert e.truncated and not e.identical and len(e.chosen_ids) == len(e.rejected_ids) == 12
-    assert e.chosen_ids == full.chosen_ids[-12:] and e.rejected_ids == full.rejected_ids[-12:]
+    assert e.truncated and not e.identical and max(len(e.chosen_ids), len(e.rejected_ids)) == 12
+    # both sides lose the same oldest tokens (the longer side is cut to 12), so they keep one prompt
+    drop = max(len(full.chosen_ids), len(full.rejected_ids)) - 12
+    assert e.chosen_ids == full.chosen_ids[drop:] and e.rejected_ids == full.rejected_ids[drop:]
+    assert shared_prefix_length(e.chosen_ids, e.rejected_ids) == shared_prefix_length(full.chosen_ids,
+                                                                                       full.rejected_ids) - drop > 0
     # the old rule kept the first tokens: the responses were cut off and the pair became identical
     right = PairEncoder(tok, max_length=12, chat_template=False, truncation="right").encode(p)
     assert right.identical and right.chosen_ids == full.chosen_ids[:12]
     ids, mask = collate([e, e], pad_id=0, padding_side="left")
-    assert ids.shape == (2, 2, 12) and mask.sum() == 48
+    assert ids.shape == (2, 2, 12) and mask.sum() == 2 * (len(e.chosen_ids) + len(e.rejected_ids))
 
 
 def test_truncation_keeps_a_leading_special_token_and_the_end_on_an_encoder():

@@ -8,6 +8,7 @@ from gradscope.data import stack_chosen_rejected
 from gradscope.errors import GradscopeError
 from gradscope.gradients import ENGINES
 from gradscope.losses import EPS, build_loss
+from gradscope.packing import Collated
 from gradscope.train import exact_backward
 
 KINDS = ["llama", "gpt2", "bert"]
@@ -34,7 +35,7 @@ def test_exact_normbt_writes_autograds_gradient_with_loop_weights_float64(kind, 
     margin = torch.rand(5, dtype=torch.float64) if loss.endswith("margin") else None
     ref, w_ref, norms = reference(model, ids, mask, loss, margin)
     model.zero_grad(set_to_none=True)
-    d, feats, lo = exact_backward(model, build_loss(loss).train(), ids, mask, margin)
+    d, feats, lo = exact_backward(model, build_loss(loss).train(), Collated(ids, mask), margin)
     torch.testing.assert_close(feats.grad_norm, norms, rtol=1e-6, atol=0)
     torch.testing.assert_close(lo.weights, w_ref, rtol=1e-6, atol=0)
     # ≤ 1e-6 relative per parameter tensor (Llama's RMSNorm rounds in float32 even in a float64 model),

@@ -203,7 +203,8 @@ def test_a_token_budget_splits_micro_batches_without_changing_the_run(tiny_model
     are those of the unchunked run (float64, no dropout in the tiny model)."""
     from gradscope.train import Trainer
 
-    kw = dict(loss=loss, batch_size=4, grad_accum=2, max_steps=3, dtype="float64", val_fraction=0.25)
+    # unpacked both times: a packed chunk would differ from an unpacked one by Llama's float32 RMSNorm rounding
+    kw = dict(loss=loss, batch_size=4, grad_accum=2, max_steps=3, dtype="float64", val_fraction=0.25, pack=False)
     run_train(cfg(tiny_model_dir, margin_data, tmp_path / "whole", **kw), log=lambda m: None)
     real, chunked = Trainer.chunked_micro_batch, []
     monkeypatch.setattr(Trainer, "chunked_micro_batch", lambda self, *a, **k: chunked.append(a[2]) or real(self, *a, **k))
@@ -218,3 +219,33 @@ def test_a_token_budget_splits_micro_batches_without_changing_the_run(tiny_model
         ta, tb = load_file(tmp_path / "whole" / f), load_file(tmp_path / "chunks" / f)
         for k in ta:
             torch.testing.assert_close(ta[k], tb[k], rtol=1e-9, atol=1e-12, msg=f"{f}:{k}")
+
+
+
+@pytest.mark.parametrize("loss", ["bt", "normbt", "normbt_exact"])
+def test_packed_pairs_train_as_unpacked(tiny_model_dir, margin_data, tmp_path, loss, monkeypatch):
+    """Packed pairs (the default) give the run of two rows a pair: losses, μ_t and final weights ≤ 1e-6
+    relative (float64; Llama's RMSNorm rounds in float32 even there)."""
+    import pandas as pd
+
+    import gradscope.train as train_mod
+
+    real, layouts = train_mod.collate_batch, []
+
+    def spy(*a, **k):
+        batch = real(*a, **k)
+        layouts.append(batch.packed)
+        return batch
+
+    monkeypatch.setattr(train_mod, "collate_batch", spy)
+    kw = dict(loss=loss, batch_size=4, grad_accum=2, max_steps=3, dtype="float64", val_fraction=0.25)
+    for name, pack in (("packed", True), ("unpacked", False)):
+        run_train(cfg(tiny_model_dir, margin_data, tmp_path / name, pack=pack, **kw), log=lambda m: None)
+        assert any(layouts) == pack  # the packed run did pack
+        layouts.clear()
+    a, b = (pd.read_parquet(tmp_path / d / "dynamics.parquet") for d in ("packed", "unpacked"))
+    for col in ("loss", "mu", "dist_mean", "weight_max", "accuracy", "val_loss"):
+        assert a[col].to_numpy() == pytest.approx(b[col].to_numpy(), rel=1e-6, nan_ok=True), col
+    ta, tb = load_file(tmp_path / "packed" / "model.safetensors"), load_file(tmp_path / "unpacked" / "model.safetensors")
+    for k in ta:
+        assert (ta[k] - tb[k]).norm() <= 1e-6 * tb[k].norm() + 1e-12, k

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from ..errors import GradscopeError
+from ..packing import CHOSEN, REJECTED
 from .blocks import block_of, block_order
 from .common import PairGrads, parameter_names
 from .ghost import ghost_engine
@@ -23,8 +24,13 @@ from .vmap import vmap_engine
 
 
 
-def identical_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, 2, T) -> (B,) True where both sides are the same tokens at the same positions."""
+def identical_pairs(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    segments: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 2, T) -> (B,) True where both sides are the same tokens at the same positions (packed rows
+    (B, L) with ``segments``: where the chosen and rejected rests are the same tokens)."""
+    if segments is not None:
+        return torch.tensor([torch.equal(i[s == CHOSEN], i[s == REJECTED]) for i, s in zip(input_ids, segments)],
+                            dtype=torch.bool)
     same_mask = (attention_mask[:, 0] == attention_mask[:, 1]).all(-1)
     same_ids = ((input_ids[:, 0] == input_ids[:, 1]) | (attention_mask[:, 0] == 0)).all(-1)
     return same_mask & same_ids
@@ -35,9 +41,9 @@ def _identical_pairs_exactly_zero(engine: Callable[..., PairGrads]) -> Callable[
     exactly; an engine's arithmetic leaves rounding there (float32 ghost: ~1e-6 of a typical
     norm), which is set to the exact 0."""
     @functools.wraps(engine)
-    def run(model, input_ids, attention_mask, **kw) -> PairGrads:
-        g = engine(model, input_ids, attention_mask, **kw)
-        same = identical_pairs(input_ids, attention_mask).to(g.sq_norms.device)
+    def run(model, input_ids, attention_mask, segments=None, **kw) -> PairGrads:
+        g = engine(model, input_ids, attention_mask, segments=segments, **kw)
+        same = identical_pairs(input_ids, attention_mask, segments).to(g.sq_norms.device)
         if same.any():
             g.sq_norms[same] = 0.0
         return g

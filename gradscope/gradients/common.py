@@ -27,11 +27,16 @@ def parameter_names(model: torch.nn.Module) -> list[str]:
 
 
 def pair_reward_diff(model: RewardModel, params: dict, buffers: dict,
-                     input_ids: torch.Tensor, attention_mask: torch.Tensor):
+                     input_ids: torch.Tensor, attention_mask: torch.Tensor, segments: torch.Tensor | None = None):
     """r_w - r_l for one pair, a pure function of (params, buffers, pair).
 
-    input_ids, attention_mask: (2, T), row 0 chosen, row 1 rejected.
-    Returns (d, RewardOutput of the two rows).
+    input_ids, attention_mask: (2, T), row 0 chosen, row 1 rejected; or with ``segments`` one packed
+    row (L,) each (:mod:`gradscope.packing`).
+    Returns (d, RewardOutput of the two sides).
     """
-    out: RewardOutput = functional_call(model, (params, buffers), (input_ids, attention_mask))
+    if segments is None:
+        out: RewardOutput = functional_call(model, (params, buffers), (input_ids, attention_mask))
+    else:
+        out = functional_call(model, (params, buffers), (input_ids[None], attention_mask[None]),
+                              {"segments": segments[None]})
     return out.rewards[0] - out.rewards[1], out

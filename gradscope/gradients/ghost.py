@@ -189,12 +189,80 @@ def _embedding_sq(ids: torch.Tensor, g: torch.Tensor, vocab: int) -> torch.Tenso
     return out.index_add_(0, torch.div(uniq, vocab, rounding_mode="floor"), rows.pow(2).sum(1))
 
 
+def _gram_rows(a, g, regions) -> torch.Tensor:
+    """Packed rows: (b, L, d) inputs and output gradients, one pair per row -> (b,) ‖Σ_t g_t a_tᵀ‖².
+
+    As for two sides (``_gram_sq``), the rounding error is about eps × the sum of the absolute
+    region-block sums of the token Gram product (regions: prompt, chosen rest, rejected rest; the
+    diagonal blocks are squared norms, ≥ 0); a pair whose condition exceeds ``GRAM_COND_MAX`` is
+    recomputed in float64. regions: (b, L, 3) one-hot, float64."""
+    prod = ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).double()  # (b, L, L)
+    blocks = regions.transpose(1, 2) @ prod @ regions  # (b, 3, 3)
+    total = blocks.sum((1, 2))
+    if a.dtype != torch.float64:
+        cond = blocks.abs().sum((1, 2)) / total.clamp(min=torch.finfo(torch.float64).tiny)
+        redo = (cond > GRAM_COND_MAX).nonzero().flatten()
+        if len(redo):
+            a64, g64 = a[redo].double(), g[redo].double()
+            total[redo] = ((a64 @ a64.transpose(1, 2)) * (g64 @ g64.transpose(1, 2))).sum((1, 2))
+    return total.clamp(min=0)
+
+
+class _Sides:
+    """Token tensors laid out [chosen; rejected] (2B rows): pair b is rows b and B + b."""
+
+    def __init__(self, B: int):
+        self.B = B
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return _pairs(x, self.B)
+
+    def sum_sq(self, x: torch.Tensor) -> torch.Tensor:
+        return _pair_sum_sq(x, self.B)
+
+    def linear_sq(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        return _linear_sq(a, g, self.B)
+
+
+class _Rows:
+    """Packed rows (B rows, :mod:`gradscope.packing`): pair b is row b, its prompt's tokens once."""
+
+    def __init__(self, segments: torch.Tensor):
+        self.regions = torch.nn.functional.one_hot((segments - 1).clamp(min=0), 3).double()  # (B, L, 3)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def sum_sq(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum(1, dtype=torch.float64).pow(2).sum(-1)
+
+    def linear_sq(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Gram form (L² (d_in + d_out) MACs per pair) or the instantiated gradient (L d_in d_out),
+        whichever is cheaper, with the same margin as ``_linear_sq``."""
+        B, L, d_in = a.shape
+        d_out = g.shape[-1]
+        out = torch.empty(B, dtype=torch.float64, device=a.device)
+        gram = L * (d_in + d_out) < 2 * d_in * d_out
+        step = max(1, MAX_INSTANTIATE // max(1, L * L if gram else d_in * d_out))
+        for i in range(0, B, step):
+            j = slice(i, i + step)
+            if gram:
+                out[j] = _gram_rows(a[j], g[j], self.regions[j])
+            else:
+                out[j] = torch.linalg.vector_norm(g[j].transpose(1, 2) @ a[j], dim=(1, 2)).double().pow(2)
+        return out
+
+
 class _Recorder:
     """Forward hooks that keep each module's input and hang a gradient hook on its output."""
 
     def __init__(self, model: RewardModel, plan: dict, B: int, names: list[str], mask: torch.Tensor,
-                 keep=None):
+                 keep=None, segments: torch.Tensor | None = None):
         self.B = B
+        # the token tensors' layout (two rows per pair, or one packed row); the head's pooled input is
+        # always [chosen; rejected]
+        self.token_layout = _Sides(B) if segments is None else _Rows(segments)
+        self.pooled_layout = _Sides(B)
         # ``keep(name, module, rule, input, output gradient)`` sees every module's tensors as soon as its
         # gradient exists: weighted_grads keeps them all, the alignment Gram reduces them there
         self.keep = keep
@@ -233,31 +301,30 @@ class _Recorder:
         return hook
 
     def _grad_hook(self, name: str, mod: nn.Module, rule: str, x: torch.Tensor):
-        B = self.B
-
         def on_grad(g: torch.Tensor):
             g = g.detach()
             if rule == "embedding":
                 if mod.padding_idx is not None:  # torch gives the padding_idx row no gradient
                     g = g * (x != mod.padding_idx)[..., None].to(g.dtype)
-                self._add(name, "weight", _embedding_sq(_pairs(x, B), _pairs(g, B), mod.num_embeddings))
+                tok = self.token_layout
+                self._add(name, "weight", _embedding_sq(tok.tokens(x), tok.tokens(g), mod.num_embeddings))
                 if self.keep is not None:
                     self.keep(name, mod, rule, x, g)
                 return None
-            if x.dim() > 2:  # (2B, T, d) token positions: padding carries no gradient
-                xs, gs = x, g * self.mask[..., None].to(g.dtype)
-            else:  # the head: one pooled state per row, (2B, 1, H)
-                xs, gs = x[:, None], g[:, None]
+            if x.dim() > 2:  # (rows, T, d) token positions: padding carries no gradient
+                xs, gs, lay = x, g * self.mask[..., None].to(g.dtype), self.token_layout
+            else:  # the head: one pooled state per side, (2B, 1, H)
+                xs, gs, lay = x[:, None], g[:, None], self.pooled_layout
             if self.keep is not None:
                 self.keep(name, mod, rule, xs, gs)
             if rule in ("linear", "conv1d"):
-                self._add(name, "weight", _linear_sq(xs, gs, B))
+                self._add(name, "weight", lay.linear_sq(xs, gs))
                 if getattr(mod, "bias", None) is not None:
-                    self._add(name, "bias", _pair_sum_sq(gs, B))
+                    self._add(name, "bias", lay.sum_sq(gs))
             else:  # affine norm
-                self._add(name, "weight", _pair_sum_sq(_norm_dy_dw(mod, xs) * gs, B))  # ∂y/∂γ: (2B, T, d)
+                self._add(name, "weight", lay.sum_sq(_norm_dy_dw(mod, xs) * gs))  # ∂y/∂γ: (rows, T, d)
                 if getattr(mod, "bias", None) is not None:
-                    self._add(name, "bias", _pair_sum_sq(gs, B))
+                    self._add(name, "bias", lay.sum_sq(gs))
             return None
 
         return on_grad
@@ -275,15 +342,17 @@ def _norm_dy_dw(mod: nn.Module, xs: torch.Tensor) -> torch.Tensor:
 def weighted_grads(kept: list, c: torch.Tensor) -> None:
     """Add Σ_i c_i ∇θ(r_w - r_l)_i into every parameter's ``.grad``, from the inputs and output
     gradients a backward of S = Σ_i (r_w - r_l)_i kept (``ghost_engine(keep=[])``): each row's
-    output gradient is scaled by its pair's c (rows [chosen; rejected], the sign is already in g),
+    output gradient is scaled by its pair's c (rows [chosen; rejected], or one packed row per pair;
+    the sign is already in g),
     then each layer's usual weight-gradient product (linear, Conv1D), scatter-add (embedding) or
     elementwise reduction (norm) runs once. c: (B,)."""
     def add(p: torch.Tensor, value: torch.Tensor) -> None:
         value = value.to(p.dtype)
         p.grad = value if p.grad is None else p.grad + value
 
-    rows = torch.cat([c, c])  # (2B,)
+    sides = torch.cat([c, c])  # (2B,)
     for _, mod, rule, x, g in kept:
+        rows = c if g.shape[0] == len(c) else sides  # packed token rows, or a row per side
         gc = g * rows.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
         if rule == "embedding":
             add(mod.weight, torch.zeros_like(mod.weight).index_add_(0, x.reshape(-1), gc.reshape(-1, gc.shape[-1])))
@@ -311,21 +380,26 @@ def _frozen(model: nn.Module):
 
 
 def ghost_engine(model: RewardModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 keep=None, **_ignored) -> PairGrads:
-    """input_ids, attention_mask: (B, 2, T). One forward and one backward over all 2B rows. Given a
-    list ``keep``, every layer's (name, module, rule, input, output gradient) is appended to it, for
-    :func:`weighted_grads` (the parameter gradient of any per-pair weighting, with no second pass); given
-    a callable, it is called with them as soon as the layer's gradient exists (and nothing is kept)."""
+                 segments: torch.Tensor | None = None, keep=None, **_ignored) -> PairGrads:
+    """input_ids, attention_mask: (B, 2, T), or packed (B, L) with ``segments`` (B, L). One forward
+    and one backward over all rows. Given a list ``keep``, every layer's (name, module, rule, input,
+    output gradient) is appended to it, for :func:`weighted_grads` (the parameter gradient of any
+    per-pair weighting, with no second pass); given a callable, it is called with them as soon as the
+    layer's gradient exists (and nothing is kept)."""
     plan = check_supported(model)
     names = parameter_names(model)
     B = input_ids.shape[0]
-    ids = torch.cat([input_ids[:, 0], input_ids[:, 1]])  # (2B, T) [chosen; rejected]
-    mask = torch.cat([attention_mask[:, 0], attention_mask[:, 1]])
+    if segments is None:
+        ids = torch.cat([input_ids[:, 0], input_ids[:, 1]])  # (2B, T) [chosen; rejected]
+        mask = torch.cat([attention_mask[:, 0], attention_mask[:, 1]])
+        extra = {}
+    else:
+        ids, mask, extra = input_ids, attention_mask, {"segments": segments}
     sink = (lambda *t: keep.append(t)) if isinstance(keep, list) else keep
-    rec = _Recorder(model, plan, B, names, mask, keep=sink)
+    rec = _Recorder(model, plan, B, names, mask, keep=sink, segments=segments)
     try:
         with _frozen(model), torch.enable_grad():
-            out = model(ids, mask)
+            out = model(ids, mask, **extra)  # rewards and states: 2B rows [chosen; rejected] either way
             rec.recording = False
             if not rec.leaves:
                 raise GradscopeError("ghost engine: the model has no nn.Embedding at its input; use --engine vmap")

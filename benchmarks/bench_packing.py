@@ -1,0 +1,156 @@
+"""Packed pairs against two rows a pair, on real pairs, side by side in one run.
+
+For each data set (64 hh-rlhf training pairs, whose multi-turn prompts are most of the tokens, and
+64 RewardBench v1 pairs, whose prompts are short; ``../shared/data``) it encodes the pairs as
+``gradscope correlate`` does (SmolLM2's chat template, ``--max-length``), batches them as the
+commands do (``--batch-size``, ``--max-batch-tokens``), and times one pass over all of them of
+
+- ``ghost``: the ghost engine (what ``gradscope correlate`` runs), and
+- ``train_step``: forward + backward of the batch-mean BT loss (what a training step runs),
+
+each unpacked and packed, in a fresh subprocess per (data set, what, layout) that also samples its
+peak resident memory above the model's. The wide decoder (random pairs whose first half is a shared
+prompt) adds the ghost / training-step ratio where the layers are wide. Ratios: packed / unpacked
+for each, and ghost / train_step with both packed. Passes run in the order unpacked, packed,
+alternating, on an otherwise idle machine (run it alone: another job on the 2 cores changes the ratios).
+
+    python benchmarks/bench_packing.py                                  # about 30 min on 2 cores
+    python benchmarks/bench_packing.py --pairs 8 --datasets hh --json out.json   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_engines import peak_extra_mb, report, sync  # noqa: E402
+
+DATA = REPO.parent / "shared" / "data"
+DATASETS = {"hh": ("train-hh-rlhf.jsonl", "first"), "rb": ("rewardbench-v1.jsonl", "stratified")}
+WHATS = ["ghost", "train_step"]
+
+
+def smollm2_batches(dataset: str, n: int, max_length: int, batch_size: int, budget: int | None, pack: bool):
+    """(model, [Collated batches], summary) of ``n`` pairs of ``dataset`` as the commands batch them."""
+    from gradscope.data import PairEncoder, batching_summary, collate_batch, length_batches, load_pairs
+    from gradscope.model import fit_max_length, load_model, pad_token_id
+
+    file, sample = DATASETS[dataset]
+    loaded = load_model("smollm2", dtype="float32")
+    pairs = load_pairs(str(DATA / file), limit=n, sample=sample)
+    enc = PairEncoder(loaded.tokenizer, max_length=fit_max_length(loaded.model, max_length))
+    encoded = [enc.encode(p) for p in pairs]
+    pad = pad_token_id(loaded.tokenizer)
+    batches = [collate_batch([encoded[i] for i in idx], pad_id=pad, pack=pack)
+               for idx in length_batches(encoded, batch_size, budget, pack=pack)]
+    return loaded.model, batches, batching_summary(encoded, batch_size, budget, pack=pack)
+
+
+def wide_batches(pack: bool):
+    """The wide decoder of bench_engines on its random pairs (2 pairs, 512 tokens a side, half shared)."""
+    from bench_engines import build_case
+
+    from gradscope.packing import Collated, pack as pack_rows
+
+    model, ids, mask = build_case("wide")
+    batch = Collated(ids, mask)
+    if pack:
+        sides = [tuple(int(t) for t, m in zip(ids[b, s], mask[b, s]) if m) for b in range(len(ids)) for s in (0, 1)]
+        batch = pack_rows([(sides[2 * b], sides[2 * b + 1]) for b in range(len(ids))])
+    return model, [batch], {"pairs": len(ids)}
+
+
+def one_pass(what: str, model, batches) -> None:
+    from gradscope.gradients import ENGINES
+
+    for batch in batches:
+        if what == "ghost":
+            ENGINES["ghost"](model, **batch.engine_args())
+            continue
+        o = model(**batch.model_args())
+        B = len(batch)
+        (-torch.nn.functional.logsigmoid(o.rewards[:B] - o.rewards[B:]).mean()).backward()
+        model.zero_grad(set_to_none=True)
+
+
+def _child(args) -> None:
+    dataset, what, pack = args._child[0], args._child[1], args._child[2] == "packed"
+    torch.set_num_threads(args.threads) if args.threads else None
+    if dataset == "wide":
+        model, batches, summary = wide_batches(pack)
+    else:
+        model, batches, summary = smollm2_batches(dataset, args.pairs, args.max_length, args.batch_size,
+                                                  args.max_batch_tokens, pack)
+    one_pass(what, model, batches[:1])  # warm-up on the first (shortest) batch
+    t = {}
+
+    def timed():
+        sync("cpu")
+        t0 = time.perf_counter()
+        one_pass(what, model, batches)
+        t["s"] = time.perf_counter() - t0
+
+    mem = peak_extra_mb(timed, "cpu")
+    print(json.dumps({"seconds": t["s"], "peak_mem_mb": mem, "batching": summary}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", nargs="+", default=["hh", "rb", "wide"], choices=[*DATASETS, "wide"])
+    ap.add_argument("--pairs", type=int, default=64)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-batch-tokens", type=int, default=2048)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", help="write the rows to this file")
+    ap.add_argument("--_child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._child:
+        return _child(args)
+    rows = []
+    for dataset in args.datasets:
+        for what in WHATS:
+            for layout in ("unpacked", "packed"):
+                cmd = [sys.executable, __file__, "--_child", dataset, what, layout, "--pairs", str(args.pairs),
+                       "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
+                       "--max-batch-tokens", str(args.max_batch_tokens)]
+                if args.threads:
+                    cmd += ["--threads", str(args.threads)]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode != 0:
+                    raise SystemExit(f"{dataset} {what} {layout} failed:\n{out.stderr[-3000:]}")
+                rows.append({"dataset": dataset, "what": what, "layout": layout,
+                             **json.loads(out.stdout.strip().splitlines()[-1])})
+                print(json.dumps(rows[-1]), flush=True)
+    get = {(r["dataset"], r["what"], r["layout"]): r for r in rows}
+    table = []
+    for dataset in args.datasets:
+        b = get[(dataset, "ghost", "packed")]["batching"]
+        saved = f"{b['packed_pairs']}/{args.pairs}, {b['tokens_run'] / b['tokens_unpacked']:.2f}" if "packed_pairs" in b else "-"
+        cells = [dataset, saved]
+        for what in WHATS:
+            u, p = get[(dataset, what, "unpacked")], get[(dataset, what, "packed")]
+            cells += [f"{p['seconds'] / u['seconds']:.2f}×", f"{p['peak_mem_mb'] / u['peak_mem_mb']:.2f}×"]
+        g, s = get[(dataset, "ghost", "packed")], get[(dataset, "train_step", "packed")]
+        cells += [f"{g['seconds'] / s['seconds']:.2f}×", f"{g['seconds']:.0f} s / {s['seconds']:.0f} s"]
+        table.append(cells)
+    print(f"\n{time.strftime('%Y-%m-%d')}, {args.pairs} pairs a data set, SmolLM2 at {args.max_length} tokens a side "
+          f"(wide: 2 random pairs at 512), batch {args.batch_size}, budget {args.max_batch_tokens} tokens, CPU "
+          f"float32, {torch.get_num_threads()} threads")
+    report(["data", "packed pairs, tokens run / unpacked", "ghost time packed/unpacked", "ghost memory",
+            "train step time packed/unpacked", "train step memory", "ghost / train step (packed)", "ghost, train step"],
+           table, rows, args.json)
+
+
+if __name__ == "__main__":
+    main()
