@@ -8,8 +8,8 @@ commands do (``--batch-size``, ``--max-batch-tokens``), and times one pass over 
 - ``ghost``: the ghost engine (what ``gradscope correlate`` runs), and
 - ``train_step``: forward + backward of the batch-mean BT loss (what a training step runs),
 
-each unpacked and packed, in a fresh subprocess per (data set, what, layout) that also samples its
-peak resident memory above the model's. The wide decoder (random pairs whose first half is a shared
+each unpacked and packed, in a fresh subprocess per (data set, what, layout) that times one pass and
+samples its peak resident memory above the model's. The wide decoder (random pairs whose first half is a shared
 prompt) adds the ghost / training-step ratio where the layers are wide. Ratios: packed / unpacked
 for each, and ghost / train_step with both packed. Passes run in the order unpacked, packed,
 alternating, on an otherwise idle machine (run it alone: another job on the 2 cores changes the ratios).
@@ -91,7 +91,8 @@ def _child(args) -> None:
     else:
         model, batches, summary = smollm2_batches(dataset, args.pairs, args.max_length, args.batch_size,
                                                   args.max_batch_tokens, pack)
-    one_pass(what, model, batches[:1])  # warm-up on the first (shortest) batch
+    # one cold pass, timed and sampled: its peak is the largest batch's (a warm-up would leave memory in the
+    # allocator, which the next pass reuses unseen); first-call costs are small against a pass of minutes
     t = {}
 
     def timed():

@@ -134,3 +134,25 @@ def test_which_pairs_pack_and_how_they_are_batched():
     assert length_batches(two, batch_size=4, max_batch_tokens=9, pack=True) == [[1], [0]]
     assert length_batches(two, batch_size=4, max_batch_tokens=10, pack=True) == [[1, 0]]
     assert length_batches(two, batch_size=4, max_batch_tokens=10, pack=False) == [[1], [0]]
+
+
+def test_the_gpu_checks_agreement_script_runs_here_and_the_check_refuses_without_cuda(tmp_path):
+    """benchmarks/gpu_check.sh is for a CUDA machine; its agreement part runs on any device, so it is
+    kept working here (on the CPU), and the script says in one line when there is no GPU."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "agreement.json"
+    subprocess.run([sys.executable, str(repo / "benchmarks" / "gpu_agreement.py"), "--device", "cpu", "--models",
+                    "llama", "gpt2", "bert", "--dtypes", "float32", "--pairs", "2", "--tokens", "16", "--json", str(out)],
+                   check=True, capture_output=True, text=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 3 * 3 + 2 * 3  # bert unpacked only
+    assert all(r["ok"] and r["max_rel_vs_float64_cpu"] < 1e-4 for r in rows)
+    if not torch.cuda.is_available():
+        proc = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                              env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "OUT": str(tmp_path / "g")})
+        assert proc.returncode == 2 and "no CUDA device" in proc.stderr

@@ -29,6 +29,13 @@ norm without ever building the per-pair gradient. Write ``a_t`` for a layer's in
   module type, never a silently partial norm. A parameter shared by two modules (tied weights), or a
   module called twice in one forward, is refused too.
 
+Packed pairs (:mod:`gradscope.packing`): a pair is one row ``[prompt; chosen rest; rejected rest]``,
+and the same backward gives each token's output gradient, the prompt's carrying g_w + g_l (the rows
+still never interact). A pair's tokens are then its row's, and each rule above runs over the row
+instead of two rows: the Gram form is one (L × L) block, whose condition is measured on the
+region blocks (prompt, chosen rest, rejected rest) as on the two sides, the pooled head input is
+still one state per side.
+
 Parameter gradients themselves are never formed: the parameters are switched to
 ``requires_grad=False`` and the embedding outputs become the leaves of the graph, so the backward
 pass computes only activation gradients (about 2/3 of a training step's backward FLOPs), and each
@@ -39,6 +46,7 @@ that gradient exists.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 from torch import nn
@@ -126,47 +134,55 @@ def _pair_sum_sq(x: torch.Tensor, B: int) -> torch.Tensor:
 
 
 GRAM_COND_MAX = 30.0
+# the Gram form is taken while its multiply-adds are below GRAM_MARGIN × the instantiated gradient's
+GRAM_MARGIN = 2.0
 
 
-def _gram_blocks(aw, al, gw, gl, dtype):
-    aw, al, gw, gl = (t.to(dtype) for t in (aw, al, gw, gl))
-    ww = ((aw @ aw.transpose(1, 2)) * (gw @ gw.transpose(1, 2))).sum((1, 2), dtype=torch.float64)
-    ll = ((al @ al.transpose(1, 2)) * (gl @ gl.transpose(1, 2))).sum((1, 2), dtype=torch.float64)
-    wl = ((aw @ al.transpose(1, 2)) * (gw @ gl.transpose(1, 2))).sum((1, 2), dtype=torch.float64)
-    return ww, ll, wl
+def _side_grams(xw: torch.Tensor, xl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(b, L, d) of each side -> the token Gram blocks (w·w, l·l, w·l), each (b, L, L)."""
+    return xw @ xw.transpose(1, 2), xl @ xl.transpose(1, 2), xw @ xl.transpose(1, 2)
 
 
-def _gram_sq(aw, al, gw, gl) -> torch.Tensor:
-    """(b, L, d) inputs and output gradients of each side -> (b,) ‖∇W‖² of each pair.
+def _gram_blocks(ka, kg) -> tuple[torch.Tensor, ...]:
+    return tuple((x * y).sum((1, 2), dtype=torch.float64) for x, y in zip(ka, kg))
+
+
+def _gram_sq(aw, al, gw, gl, ka=None) -> torch.Tensor:
+    """(b, L, d) inputs and output gradients of each side -> (b,) ‖∇W‖² of each pair (``ka``: the
+    inputs' Gram blocks, when another layer reading the same input already formed them).
 
     ww = ‖∇_w‖² and ll = ‖∇_l‖² are sums of squares; the cross term 2 wl cancels them where the two
     sides' gradients agree, so the rounding error of the result is about eps × (ww + ll + 2|wl|):
     the cancellation is squared, unlike the loop's eps × ‖∇_w‖ ‖∇_w - ∇_l‖. A pair whose
     condition (ww + ll + 2|wl|) / result exceeds ``GRAM_COND_MAX`` is recomputed in float64."""
-    ww, ll, wl = _gram_blocks(aw, al, gw, gl, aw.dtype)
+    ww, ll, wl = _gram_blocks(ka if ka is not None else _side_grams(aw, al), _side_grams(gw, gl))
     total = ww + ll + 2 * wl
     if aw.dtype != torch.float64:
         cond = (ww + ll + 2 * wl.abs()) / total.clamp(min=torch.finfo(torch.float64).tiny)
         redo = (cond > GRAM_COND_MAX).nonzero().flatten()
         if len(redo):
-            ww, ll, wl = _gram_blocks(aw[redo], al[redo], gw[redo], gl[redo], torch.float64)
+            a64 = _side_grams(aw[redo].double(), al[redo].double())
+            ww, ll, wl = _gram_blocks(a64, _side_grams(gw[redo].double(), gl[redo].double()))
             total[redo] = ww + ll + 2 * wl
     return total.clamp(min=0)  # exact value ≥ 0; rounding can dip below 0 for identical sides
 
 
-def _linear_sq(a: torch.Tensor, g: torch.Tensor, B: int) -> torch.Tensor:
+def _linear_sq(a: torch.Tensor, g: torch.Tensor, B: int, shared: int = 1, a_grams=None) -> torch.Tensor:
     """a: (2B, L, d_in), g: (2B, L, d_out), rows [chosen; rejected] -> (B,) ‖Σ_t g_t a_tᵀ‖² over the
-    tokens of both sides of each pair, in Gram form or by instantiating, whichever is cheaper."""
+    tokens of both sides of each pair, in Gram form or by instantiating, whichever is cheaper. The
+    input's Gram blocks are shared by the ``shared`` layers that read the same input (``a_grams()``
+    forms them once), so each pays 1/shared of them."""
     L, d_in = a.shape[1], a.shape[2]
     d_out = g.shape[-1]
     out = torch.empty(B, dtype=torch.float64, device=a.device)
-    if 3 * L * (d_in + d_out) < 4 * d_in * d_out:
+    if 3 * L * (d_in / shared + d_out) < GRAM_MARGIN * 2 * d_in * d_out:
         # Gram: the (2L × 2L) token Gram matrices in blocks, using the symmetry of the cross block:
         # Σ(A Aᵀ ⊙ G Gᵀ) = ww + ll + 2 wl; 3 L² (d_in + d_out) MACs per pair
+        ka = a_grams() if a_grams is not None else None
         step = max(1, MAX_INSTANTIATE // max(1, L * L))
         for i in range(0, B, step):
             j = slice(i, i + step)
-            out[j] = _gram_sq(a[:B][j], a[B:][j], g[:B][j], g[B:][j])
+            out[j] = _gram_sq(a[:B][j], a[B:][j], g[:B][j], g[B:][j], None if ka is None else [k[j] for k in ka])
     else:  # instantiate the (d_out × d_in) pair gradient: 2 L d_in d_out MACs per pair
         step = max(1, MAX_INSTANTIATE // (d_in * d_out))
         aw, al, gw, gl = a[:B], a[B:], g[:B], g[B:]
@@ -189,14 +205,16 @@ def _embedding_sq(ids: torch.Tensor, g: torch.Tensor, vocab: int) -> torch.Tenso
     return out.index_add_(0, torch.div(uniq, vocab, rounding_mode="floor"), rows.pow(2).sum(1))
 
 
-def _gram_rows(a, g, regions) -> torch.Tensor:
-    """Packed rows: (b, L, d) inputs and output gradients, one pair per row -> (b,) ‖Σ_t g_t a_tᵀ‖².
+def _gram_rows(a, g, regions, ka=None) -> torch.Tensor:
+    """Packed rows: (b, L, d) inputs and output gradients, one pair per row -> (b,) ‖Σ_t g_t a_tᵀ‖²
+    (``ka``: the inputs' token Gram, when another layer reading the same input already formed it).
 
     As for two sides (``_gram_sq``), the rounding error is about eps × the sum of the absolute
     region-block sums of the token Gram product (regions: prompt, chosen rest, rejected rest; the
     diagonal blocks are squared norms, ≥ 0); a pair whose condition exceeds ``GRAM_COND_MAX`` is
     recomputed in float64. regions: (b, L, 3) one-hot, float64."""
-    prod = ((a @ a.transpose(1, 2)) * (g @ g.transpose(1, 2))).double()  # (b, L, L)
+    ka = a @ a.transpose(1, 2) if ka is None else ka
+    prod = (ka * (g @ g.transpose(1, 2))).double()  # (b, L, L)
     blocks = regions.transpose(1, 2) @ prod @ regions  # (b, 3, 3)
     total = blocks.sum((1, 2))
     if a.dtype != torch.float64:
@@ -220,8 +238,11 @@ class _Sides:
     def sum_sq(self, x: torch.Tensor) -> torch.Tensor:
         return _pair_sum_sq(x, self.B)
 
-    def linear_sq(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        return _linear_sq(a, g, self.B)
+    def input_grams(self, a: torch.Tensor):
+        return _side_grams(a[:self.B], a[self.B:])
+
+    def linear_sq(self, a: torch.Tensor, g: torch.Tensor, shared: int = 1, a_grams=None) -> torch.Tensor:
+        return _linear_sq(a, g, self.B, shared, a_grams)
 
 
 class _Rows:
@@ -236,18 +257,23 @@ class _Rows:
     def sum_sq(self, x: torch.Tensor) -> torch.Tensor:
         return x.sum(1, dtype=torch.float64).pow(2).sum(-1)
 
-    def linear_sq(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """Gram form (L² (d_in + d_out) MACs per pair) or the instantiated gradient (L d_in d_out),
-        whichever is cheaper, with the same margin as ``_linear_sq``."""
+    def input_grams(self, a: torch.Tensor):
+        return a @ a.transpose(1, 2)
+
+    def linear_sq(self, a: torch.Tensor, g: torch.Tensor, shared: int = 1, a_grams=None) -> torch.Tensor:
+        """Gram form (L² (d_in / shared + d_out) MACs per pair, the input's Gram shared as in
+        ``_linear_sq``) or the instantiated gradient (L d_in d_out), whichever is cheaper, with the
+        same margin as ``_linear_sq``."""
         B, L, d_in = a.shape
         d_out = g.shape[-1]
         out = torch.empty(B, dtype=torch.float64, device=a.device)
-        gram = L * (d_in + d_out) < 2 * d_in * d_out
+        gram = L * (d_in / shared + d_out) < GRAM_MARGIN * d_in * d_out
+        ka = a_grams() if gram and a_grams is not None else None
         step = max(1, MAX_INSTANTIATE // max(1, L * L if gram else d_in * d_out))
         for i in range(0, B, step):
             j = slice(i, i + step)
             if gram:
-                out[j] = _gram_rows(a[j], g[j], self.regions[j])
+                out[j] = _gram_rows(a[j], g[j], self.regions[j], None if ka is None else ka[j])
             else:
                 out[j] = torch.linalg.vector_norm(g[j].transpose(1, 2) @ a[j], dim=(1, 2)).double().pow(2)
         return out
@@ -274,6 +300,11 @@ class _Recorder:
                         for name, (m, rule) in plan.items()]
         self.leaves: list[torch.Tensor] = []
         self.recording = True  # off after the forward: the norm rule calls modules again
+        # layers that read the same input tensor (q, k and v; gate and up) share its token Gram: how
+        # many read each input (counted in the forward), and the Gram while some have yet to use it
+        self.readers: dict[tuple, int] = {}
+        self.unread: dict[tuple, int] = {}
+        self.input_grams: dict[tuple, object] = {}
 
     def close(self):
         for h in self.handles:
@@ -295,12 +326,30 @@ class _Recorder:
             if rule == "embedding":
                 output = output.detach().requires_grad_(True)  # a leaf: the graph starts here
                 self.leaves.append(output)
-            output.register_hook(self._grad_hook(name, mod, rule, x))
+            key = (x.data_ptr(), tuple(x.shape), x.stride()) if rule in ("linear", "conv1d") and x.dim() > 2 else None
+            if key is not None:
+                self.readers[key] = self.unread[key] = self.readers.get(key, 0) + 1
+            output.register_hook(self._grad_hook(name, mod, rule, x, key))
             return output
 
         return hook
 
-    def _grad_hook(self, name: str, mod: nn.Module, rule: str, x: torch.Tensor):
+    def _shared_grams(self, key: tuple, lay, xs: torch.Tensor):
+        """The token Gram of the input ``key``, formed by the first of its readers that wants it and kept
+        until the last has run (:meth:`_read`)."""
+        def get():
+            if key not in self.input_grams:
+                self.input_grams[key] = lay.input_grams(xs)
+            return self.input_grams[key]
+
+        return get
+
+    def _read(self, key: tuple) -> None:
+        self.unread[key] -= 1
+        if self.unread[key] == 0:
+            self.input_grams.pop(key, None)
+
+    def _grad_hook(self, name: str, mod: nn.Module, rule: str, x: torch.Tensor, key: tuple | None = None):
         def on_grad(g: torch.Tensor):
             g = g.detach()
             if rule == "embedding":
@@ -318,7 +367,12 @@ class _Recorder:
             if self.keep is not None:
                 self.keep(name, mod, rule, xs, gs)
             if rule in ("linear", "conv1d"):
-                self._add(name, "weight", lay.linear_sq(xs, gs))
+                if key is None:
+                    self._add(name, "weight", lay.linear_sq(xs, gs))
+                else:
+                    shared = self.readers[key]  # each reader pays its share of the input's Gram
+                    self._add(name, "weight", lay.linear_sq(xs, gs, shared, self._shared_grams(key, lay, xs)))
+                    self._read(key)
                 if getattr(mod, "bias", None) is not None:
                     self._add(name, "bias", lay.sum_sq(gs))
             else:  # affine norm
@@ -331,12 +385,35 @@ class _Recorder:
 
 
 def _norm_dy_dw(mod: nn.Module, xs: torch.Tensor) -> torch.Tensor:
-    """∂y/∂γ of an affine norm at every position: f(x; γ=1, β=0) - f(x; γ=0, β=0), by the module's own forward."""
+    """∂y/∂γ of an affine norm at every position: f(x; γ=1, β=0) - f(x; γ=0, β=0), by the module's own
+    forward (the second term only where it is not 0: Gemma's (1 + γ) form; see :func:`_zero_without_weight`)."""
     bias = getattr(mod, "bias", None)
     with torch.no_grad():
         one, zero = torch.ones_like(mod.weight), torch.zeros_like(mod.weight)
         p1 = {"weight": one, **({"bias": torch.zeros_like(bias)} if bias is not None else {})}
-        return functional_call(mod, p1, (xs,)) - functional_call(mod, {**p1, "weight": zero}, (xs,))
+        out = functional_call(mod, p1, (xs,))
+        if _zero_without_weight(mod):
+            return out
+        return out - functional_call(mod, {**p1, "weight": zero}, (xs,))
+
+
+def _zero_without_weight(mod: nn.Module) -> bool:
+    """Whether the norm gives exactly 0 with γ = 0 and β = 0 (y = γ ⊙ n(x) + β: LayerNorm, RMSNorm), so
+    that ∂y/∂γ = f(x; γ=1, β=0) alone; probed once per module on a seeded random input."""
+    known = _ZERO_WITHOUT_WEIGHT.get(mod)
+    if known is None:
+        g = torch.Generator().manual_seed(0)
+        probe = torch.randn(2, mod.weight.shape[0], generator=g).to(mod.weight)
+        params = {"weight": torch.zeros_like(mod.weight)}
+        if getattr(mod, "bias", None) is not None:
+            params["bias"] = torch.zeros_like(mod.bias)
+        with torch.no_grad():
+            known = bool((functional_call(mod, params, (probe,)) == 0).all())
+        _ZERO_WITHOUT_WEIGHT[mod] = known
+    return known
+
+
+_ZERO_WITHOUT_WEIGHT: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
 def weighted_grads(kept: list, c: torch.Tensor) -> None:
