@@ -39,7 +39,8 @@ class CorrelateConfig(ModelOptions, DataOptions):
                       "(ghost when the model has only layers it has rules for, else vmap).",
                       choices=[AUTO, *sorted(ENGINES)])
     batch_size: int = opt(8, "Pairs per batch at most (one part file each; the unit of --resume).")
-    # 2,048: SmolLM2's ghost pass on 512-1,024-token pairs peaks at 3.9 GB (benchmarks/bench_memory_long.py)
+    # 2,048: SmolLM2's ghost pass on 512-1,024-token pairs peaks at 4.0 GB packed, 3.8 GB unpacked
+    # (benchmarks/bench_memory_long.py, 2026-12-06)
     max_batch_tokens: int | None = max_batch_tokens_opt(2048)
     pack: bool = pack_opt()
     chunk_size: int = opt(2, "Pairs per vmap chunk (memory ≈ chunk × parameters).")
