@@ -156,3 +156,19 @@ def test_the_gpu_checks_agreement_script_runs_here_and_the_check_refuses_without
         proc = subprocess.run(["bash", str(repo / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
                               env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable, "OUT": str(tmp_path / "g")})
         assert proc.returncode == 2 and "no CUDA device" in proc.stderr
+
+
+def test_scoring_packed_equals_unpacked(tiny_model_dir):
+    """evaluate / compare without the feature cache: the same rewards and distances packed or not."""
+    import pandas as pd
+
+    from gradscope.data import load_pairs
+    from gradscope.model import load_model
+    from gradscope.scoring import score_pairs
+
+    loaded = load_model(str(tiny_model_dir), dtype="float64")
+    enc = PairEncoder(loaded.tokenizer, max_length=384, chat_template=False)
+    encoded = [enc.encode(p) for p in load_pairs("demo", limit=12)]
+    assert any(packs(e.chosen_ids, e.rejected_ids) for e in encoded)
+    a, b = (score_pairs(loaded, encoded, batch_size=4, pack=pack) for pack in (True, False))
+    pd.testing.assert_frame_equal(a, b, rtol=1e-9)
