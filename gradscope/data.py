@@ -426,8 +426,9 @@ def collate_batch(encoded: list[EncodedPair], pad_id: int = 0, padding_side: str
 
 def _layout(e: EncodedPair, pack: bool) -> tuple[bool, int, int]:
     """(packed, row length, rows): a packed pair is one row of its packed length, else two rows of its longest side."""
-    if pack and packs(e.chosen_ids, e.rejected_ids):
-        return True, packed_length(e.chosen_ids, e.rejected_ids), 1
+    length = packed_length(e.chosen_ids, e.rejected_ids) if pack else None
+    if length is not None:
+        return True, length, 1
     return False, max(len(e.chosen_ids), len(e.rejected_ids)), 2
 
 

@@ -19,7 +19,7 @@ from .errors import GradscopeError
 from .inputs import DataOptions, ModelOptions, load_inputs, max_batch_tokens_opt, pack_opt
 from .model import ALIASES, DEFAULT_MODEL
 from .rewardbench import CATEGORIES, EXAMPLE_COUNTS, SECTIONS, SUBSET_TO_CATEGORY
-from .scoring import score_pairs
+from .scoring import score_pairs, scoring_packs
 
 NAN = float("nan")
 SECTION_NAMES = {"chat": "Chat", "chat-hard": "Chat-Hard", "safety": "Safety", "reasoning": "Reasoning"}
@@ -138,7 +138,7 @@ def evaluate_model(spec: str, cfg: EvaluateConfig, pairs, out: Path) -> dict:
               "counts": {"pairs": int(len(scores)), "ties": int((scores[T.MARGIN] == 0).sum()),
                          "truncated": int(sum(e.truncated for e in encoded))},
               "batching": batching_summary(encoded, cfg.batch_size, cfg.max_batch_tokens,
-                                           pack=cfg.pack and loaded.model.causal),
+                                           pack=scoring_packs(loaded, cfg.pack, cfg.feature_cache)),
               "seconds": round(time.perf_counter() - t0, 3), "versions": versions(),
               "config": dataclasses.asdict(cfg)}
     T.write_parquet(scores, out / T.SCORES_FILE)

@@ -40,16 +40,18 @@ def shared_prefix_length(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     return n
 
 
-def packed_length(c: tuple[int, ...], r: tuple[int, ...]) -> int:
-    return len(c) + len(r) - shared_prefix_length(c, r)
+def packed_length(c: tuple[int, ...], r: tuple[int, ...]) -> int | None:
+    """The packed row's length L when a pair of a causal model takes the packed layout, else None: it
+    needs a shared prefix, and attention over the packed row (L²) no larger than over the two
+    unpacked rows (2 T², T the longer side)."""
+    p = shared_prefix_length(c, r)
+    L = len(c) + len(r) - p
+    return L if p > 0 and L ** 2 <= 2 * max(len(c), len(r)) ** 2 else None
 
 
 def packs(c: tuple[int, ...], r: tuple[int, ...]) -> bool:
-    """Whether a pair of a causal model takes the packed layout: a shared prefix, and attention over
-    the packed row (L²) no larger than over the two unpacked rows (2 T²)."""
-    p = shared_prefix_length(c, r)
-    longest = max(len(c), len(r))
-    return p > 0 and (len(c) + len(r) - p) ** 2 <= 2 * longest ** 2
+    """Whether a pair of a causal model takes the packed layout (see :func:`packed_length`)."""
+    return packed_length(c, r) is not None
 
 
 @dataclass

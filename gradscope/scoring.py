@@ -10,6 +10,12 @@ from .data import EncodedPair, collate_batch, length_batches
 from .model import LoadedModel, pad_token_id
 
 
+def scoring_packs(loaded: LoadedModel, pack: bool, feature_cache: bool) -> bool:
+    """Whether :func:`score_pairs` runs packed rows: a causal model run whole (with the feature cache, the
+    cached pooled or trunk states are read instead, laid out unpacked)."""
+    return pack and loaded.model.causal and not feature_cache
+
+
 @torch.no_grad()
 def score_pairs(loaded: LoadedModel, encoded: list[EncodedPair], *, batch_size: int = 16,
                 padding_side: str = "right", progress: bool = False, desc: str = "score",
@@ -43,7 +49,7 @@ def score_pairs(loaded: LoadedModel, encoded: list[EncodedPair], *, batch_size: 
     dist = torch.empty(len(encoded), dtype=torch.float64)
     with tqdm(total=len(encoded), unit="pair", disable=not progress or states is not None, desc=desc,
               dynamic_ncols=True) as bar:
-        pack = pack and model.causal and trunk is None and states is None  # the top blocks run on unpacked trunk states
+        pack = scoring_packs(loaded, pack, feature_cache)
         for idx in length_batches(encoded, batch_size, max_batch_tokens, pack=pack):
             if states is not None:
                 out = head_forward(model, states[idx].to(dev))

@@ -284,7 +284,6 @@ class _Recorder:
 
     def __init__(self, model: RewardModel, plan: dict, B: int, names: list[str], mask: torch.Tensor,
                  keep=None, segments: torch.Tensor | None = None):
-        self.B = B
         # the token tensors' layout (two rows per pair, or one packed row); the head's pooled input is
         # always [chosen; rejected]
         self.token_layout = _Sides(B) if segments is None else _Rows(segments)
@@ -294,7 +293,7 @@ class _Recorder:
         self.keep = keep
         self.col = {n: i for i, n in enumerate(names)}
         self.sq = torch.zeros(B, len(names), dtype=torch.float64, device=mask.device)
-        self.mask = mask  # (2B, T) token mask; the head sees one pooled "token" per row
+        self.mask = mask  # (rows, T) token mask; the head sees one pooled "token" per row
         self.calls: dict[str, int] = {}
         self.handles = [m.register_forward_hook(self._forward_hook(name, m, rule))
                         for name, (m, rule) in plan.items()]
