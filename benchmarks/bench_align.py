@@ -1,13 +1,15 @@
 """`gradscope align` against one ghost pass over the same pairs: time ratio and peak memory, in one run.
 
 For each N: N stratified RewardBench v1 pairs (``../shared/data``) truncated to ``--max-length``
-tokens a side; one ghost-engine pass over them in batches of ``2 × --tile`` pairs (the size of
-align's passes), then the exact alignment (each pair of tiles together once: about N / tile times
-the ghost pass's work) and, with ``--sketch``, the sketched one (each tile once). Each measurement runs in
-a fresh process; its peak resident memory is sampled every 2 ms (CUDA: max allocated).
+tokens a side; one ghost-engine pass over them in batches of ``--tile`` pairs (packed where they
+pack, as align's bank runs them), then the exact alignment by each ``--methods`` (``bank``: each
+batch once per group of parameters, their per-pair gradients held in ``--bank-gb``; ``tiles``: each
+pair of tiles in one pass, about N / tile times the ghost pass's work) and, with ``--sketch``, the
+sketched one (each batch once). Each measurement runs in a fresh process; its peak resident memory
+is sampled every 2 ms (CUDA: max allocated).
 
-    python benchmarks/bench_align.py                      # SmolLM2, 256 tokens, N = 64 and 256
-    python benchmarks/bench_align.py --n 64 --tile 8 --sketch 1024 --json out.json
+    python benchmarks/bench_align.py                      # SmolLM2, 256 tokens, N = 64 and 256, bank
+    python benchmarks/bench_align.py --n 32 --methods bank tiles --sketch 1024 --json out.json
 
 Target: peak memory under 8 GB for both N. Run alone, by hand, not in CI.
 """
@@ -34,7 +36,7 @@ DATA = REPO.parent / "shared" / "data" / "rewardbench-v1.jsonl"
 
 def _child(what: str, n: int, args) -> dict:
     from gradscope.align import compute_alignment
-    from gradscope.data import PairEncoder, collate, load_pairs
+    from gradscope.data import PairEncoder, collate_batch, length_batches, load_pairs
     from gradscope.gradients import ENGINES
     from gradscope.model import load_model, pad_token_id
 
@@ -45,14 +47,18 @@ def _child(what: str, n: int, args) -> dict:
     pad = pad_token_id(loaded.tokenizer)
     model = loaded.model
 
+    pack = loaded.model.causal and not args.no_pack
+    how = dict(pad_id=pad, tile=args.tile, bank_gb=args.bank_gb, pack=pack)
+
     def ghost_pass():
-        for s in range(0, n, 2 * args.tile):
-            ids, mask = collate(encoded[s:s + 2 * args.tile], pad_id=pad)
-            ENGINES["ghost"](model, ids, mask)
+        for idx in length_batches(encoded, args.tile, pack=pack):
+            batch = collate_batch([encoded[i] for i in idx], pad_id=pad, pack=pack)
+            ENGINES["ghost"](model, **batch.engine_args())
 
     run = {"ghost": ghost_pass,
-           "exact": lambda: compute_alignment(model, encoded, pad_id=pad, tile=args.tile),
-           "sketch": lambda: compute_alignment(model, encoded, pad_id=pad, tile=2 * args.tile, sketch=args.sketch)}[what]
+           "bank": lambda: compute_alignment(model, encoded, method="bank", **how),
+           "tiles": lambda: compute_alignment(model, encoded, method="tiles", **how),
+           "sketch": lambda: compute_alignment(model, encoded, sketch=args.sketch, **how)}[what]
     t0 = time.perf_counter()
     mem = peak_extra_mb(run, args.device)
     return {"what": what, "n": n, "seconds": time.perf_counter() - t0, "peak_extra_mb": mem,
@@ -63,7 +69,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--n", type=int, nargs="+", default=[64, 256])
-    ap.add_argument("--tile", type=int, default=4, help="align's tile (its passes hold two tiles)")
+    ap.add_argument("--tile", type=int, default=8, help="pairs per pass (the tiles method's passes hold two tiles)")
+    ap.add_argument("--methods", nargs="+", default=["bank"], choices=["bank", "tiles"], help="exact methods to time")
+    ap.add_argument("--bank-gb", type=float, default=4.0, help="the bank method's memory for per-pair gradients")
+    ap.add_argument("--no-pack", action="store_true", help="run every pair as two rows")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--sketch", type=int, default=None, help="also time --sketch DIM")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -75,15 +84,18 @@ def main() -> None:
         return
     rows = []
     for n in args.n:
-        for what in ["ghost", "exact"] + (["sketch"] if args.sketch else []):
+        for what in ["ghost", *args.methods] + (["sketch"] if args.sketch else []):
             cmd = [sys.executable, __file__, "--_child", what, str(n), "--model", args.model, "--tile", str(args.tile),
-                   "--max-length", str(args.max_length), "--device", args.device]
+                   "--max-length", str(args.max_length), "--device", args.device, "--bank-gb", str(args.bank_gb)]
             if args.sketch:
                 cmd += ["--sketch", str(args.sketch)]
+            if args.no_pack:
+                cmd += ["--no-pack"]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
-    print(f"\n{args.model}, ≤{args.max_length} tokens a side, tile {args.tile}, device {args.device}")
+    print(f"\n{args.model}, ≤{args.max_length} tokens a side, tile {args.tile}, bank {args.bank_gb} GB, "
+          f"{'unpacked' if args.no_pack else 'packed where pairs pack'}, device {args.device}")
     base = {r["n"]: r["seconds"] for r in rows if r["what"] == "ghost"}
     report(["N", "what", "seconds", "time / ghost pass", "peak extra MB"],
            [[str(r["n"]), r["what"], f"{r['seconds']:.1f}", f"{r['seconds'] / base[r['n']]:.1f}×",

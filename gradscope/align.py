@@ -33,11 +33,11 @@ import numpy as np
 import torch
 
 from .config import opt, reopt, versions
-from .data import EncodedPair, collate
+from .data import EncodedPair, collate, collate_batch, length_batches
 from .errors import GradscopeError
-from .gradients import ENGINES, block_of, block_order, identical_pairs
-from .gradients.ghost import _norm_dy_dw, _pairs
-from .inputs import DataOptions, ModelOptions
+from .gradients import ENGINES, block_of, block_order, identical_pairs, parameter_names
+from .gradients.ghost import _norm_dy_dw, _pairs, check_supported
+from .inputs import DataOptions, ModelOptions, max_batch_tokens_opt, pack_opt
 from .model import RewardModel
 from .plotting import ordered_categories
 
@@ -98,21 +98,31 @@ def _vector_gram(v: torch.Tensor) -> torch.Tensor:
     return s @ s.T
 
 
-def _embedding_gram(ids: torch.Tensor, g: torch.Tensor, vocab: int) -> torch.Tensor:
-    """ids (B, n), g (B, n, d) -> (B, B): rows of equal ids summed per pair, then matched across pairs."""
+def _embedding_rows(ids: torch.Tensor, g: torch.Tensor, vocab: int):
+    """ids (B, n), g (B, n, d) -> (pair, token id, row) of each pair's gradient rows, the rows of equal
+    ids summed per pair (float64): (U,), (U,), (U, d)."""
     B, n, d = g.shape
     key = (torch.arange(B, device=ids.device)[:, None] * vocab + ids).reshape(-1)
     uniq, inverse = torch.unique(key, return_inverse=True)
     rows = torch.zeros(len(uniq), d, dtype=torch.float64, device=g.device).index_add_(
         0, inverse, g.reshape(-1, d).double())  # (U, d) per (pair, id)
-    pair, token = torch.div(uniq, vocab, rounding_mode="floor"), uniq % vocab
-    out = torch.zeros(B, B, dtype=torch.float64, device=g.device)
+    return torch.div(uniq, vocab, rounding_mode="floor"), uniq % vocab, rows
+
+
+def _sparse_rows_gram(pair: torch.Tensor, token: torch.Tensor, rows: torch.Tensor, B: int) -> torch.Tensor:
+    """Embedding gradient rows (one per pair and id) -> (B, B): only pairs sharing an id meet, id by id."""
+    out = torch.zeros(B, B, dtype=torch.float64, device=rows.device)
     order = torch.argsort(token, stable=True)
     _, counts = torch.unique_consecutive(token[order], return_counts=True)
     for group in torch.split(order, counts.tolist()):
         p, r = pair[group], rows[group]
         out[p[:, None], p[None, :]] += r @ r.T  # a pair appears once per id: no index repeats
     return out
+
+
+def _embedding_gram(ids: torch.Tensor, g: torch.Tensor, vocab: int) -> torch.Tensor:
+    """ids (B, n), g (B, n, d) -> (B, B): rows of equal ids summed per pair, then matched across pairs."""
+    return _sparse_rows_gram(*_embedding_rows(ids, g, vocab), g.shape[0])
 
 
 def _module_grams(out: dict, B: int):
@@ -147,24 +157,181 @@ def tile_alignment(model: RewardModel, input_ids: torch.Tensor, attention_mask: 
     return grams, pg
 
 
+def _per_pair(x: torch.Tensor, B: int) -> torch.Tensor:
+    """A token tensor as the ghost engine passes it -> (B, n, ...) each pair's tokens: a packed row is
+    one pair's already; two rows [chosen; rejected] (and the head's pooled states) are joined."""
+    return x if x.shape[0] == B else _pairs(x, B)
+
+
+class _Bank:
+    """Per-pair gradients of the recorded modules, N rows per parameter tensor, filled batch by batch
+    (a ghost-engine ``keep`` callback), then reduced to K by one product per tensor. Matrix gradients
+    are instantiated (Σ_t g_t a_tᵀ per pair), vectors summed, the embedding kept sparse (a row per
+    pair and token id)."""
+
+    def __init__(self, N: int, dtype: torch.dtype, spill: str | None = None):
+        self.N, self.dtype = N, dtype
+        self.rows: dict[str, torch.Tensor] = {}
+        self.sparse: dict[str, list] = {}
+        # ``spill``: a directory for the dense rows, one file (N × P) per tensor, written row by row and
+        # read back one tensor at a time, so that memory holds one tensor's rows, not the bank
+        self.spill = spill
+        self.files: dict[str, tuple[int, int]] = {}  # name -> (file descriptor, P)
+
+    def _put(self, name: str, idx: torch.Tensor, values: torch.Tensor) -> None:
+        values = values.to(self.dtype)
+        if self.spill is None:
+            if name not in self.rows:
+                self.rows[name] = torch.zeros(self.N, values.shape[1], dtype=self.dtype, device=values.device)
+            self.rows[name][idx] = values
+            return
+        import os
+
+        if name not in self.files:
+            fd = os.open(Path(self.spill) / f"{len(self.files)}.bin", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.ftruncate(fd, self.N * values.shape[1] * values.element_size())  # rows never written read as 0
+            self.files[name] = (fd, values.shape[1])
+        fd, P = self.files[name]
+        arr = values.cpu().numpy()
+        for r, i in enumerate(idx.tolist()):
+            os.pwrite(fd, arr[r].tobytes(), i * arr[r].nbytes)
+
+    def close(self) -> None:
+        import os
+
+        for fd, _ in self.files.values():
+            os.close(fd)
+        self.files.clear()
+
+    def _dense(self):
+        """(name, (N, P) rows) of every dense tensor, one at a time, leaving the bank."""
+        for name in list(self.rows):
+            yield name, self.rows.pop(name)
+        import os
+
+        for name in list(self.files):
+            fd, P = self.files.pop(name)
+            with os.fdopen(fd, "rb") as f:
+                data = np.fromfile(f, dtype=torch.empty(0, dtype=self.dtype).numpy().dtype)
+            yield name, torch.from_numpy(data.reshape(self.N, P))
+
+    def reducer(self, idx: torch.Tensor):
+        """The ``keep`` callback of a batch whose pairs are rows ``idx`` (a tensor) of the bank."""
+        B = len(idx)
+
+        def reduce(name, mod, rule, x, g):
+            full = lambda p: f"{name}.{p}" if name else p  # noqa: E731
+            if rule == "embedding":
+                pair, token, rows = _embedding_rows(_per_pair(x, B), _per_pair(g, B), mod.num_embeddings)
+                self.sparse.setdefault(full("weight"), []).append((idx.to(pair.device)[pair], token, rows))
+                return
+            gp = _per_pair(g, B)
+            if rule in ("linear", "conv1d"):
+                a = _per_pair(x, B)
+                step = max(1, MAX_ELEMENTS // (a.shape[-1] * gp.shape[-1]))
+                for i in range(0, B, step):  # (b, d_out, d_in) per pair: the layout does not matter to K
+                    j = slice(i, i + step)
+                    self._put(full("weight"), idx[j], (gp[j].transpose(1, 2) @ a[j]).flatten(1))
+            else:  # affine norm
+                self._put(full("weight"), idx, _per_pair(_norm_dy_dw(mod, x) * g, B).sum(1, dtype=torch.float64))
+            if getattr(mod, "bias", None) is not None:
+                self._put(full("bias"), idx, gp.sum(1, dtype=torch.float64))
+
+        return reduce
+
+    def grams(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> (N, N) inner products (float64; each product over column chunks,
+        accumulated in float64). Empties the bank."""
+        out = {}
+        for name, G in self._dense():
+            K = torch.zeros(self.N, self.N, dtype=torch.float64, device=G.device)
+            step = max(1, MAX_ELEMENTS // (4 * self.N))
+            for c in range(0, G.shape[1], step):
+                part = G[:, c:c + step]
+                K += (part @ part.T).double()
+            out[name] = K
+        for name in list(self.sparse):
+            pair, token, rows = (torch.cat(t) for t in zip(*self.sparse.pop(name)))
+            out[name] = _sparse_rows_gram(pair, token, rows, self.N)
+        return out
+
+
+def bank_groups(model: RewardModel, N: int, budget_bytes: float, itemsize: int = 4) -> list[list[str]]:
+    """The modules that own parameters, in the model's order, in groups whose bank (N per-pair
+    gradients of every tensor; the embedding's sparse rows left out) fits ``budget_bytes``; a
+    module larger than the budget alone."""
+    groups: list[list[str]] = [[]]
+    size = 0.0
+    for name, (mod, rule) in check_supported(model).items():
+        n = 0 if rule == "embedding" else N * itemsize * sum(p.numel() for p in mod.parameters(recurse=False))
+        if groups[-1] and size + n > budget_bytes:
+            groups.append([])
+            size = 0.0
+        groups[-1].append(name)
+        size += n
+    return groups
+
+
 def _d_and_distance(pg) -> tuple[np.ndarray, np.ndarray]:
     """(B,) r_w - r_l and ‖h_w - h_l‖ of an engine's PairGrads, as float64 arrays."""
     return ((pg.rewards[:, 0] - pg.rewards[:, 1]).double().cpu().numpy(),
             (pg.last_hidden[:, 0] - pg.last_hidden[:, 1]).double().norm(dim=-1).cpu().numpy())
 
 
+METHODS = ("auto", "bank", "tiles")
+
+
+def choose_method(model: RewardModel, N: int, tile: int, bank_bytes: float) -> str:
+    """``bank`` or ``tiles``, whichever runs fewer pairs through the model: the tiles method runs
+    every pair of tiles together (about N² / tile pairs), the bank each tile once per group of
+    parameters (N × the number of groups, each pass cheaper: its graph starts at the group)."""
+    T = -(-N // tile)
+    tiles_cost = N if T == 1 else T * (T - 1) * tile
+    return "bank" if len(bank_groups(model, N, bank_bytes)) * N < tiles_cost else "tiles"
+
+
 def compute_alignment(model: RewardModel, encoded: list[EncodedPair], *, pad_id: int = 0, tile: int = 64,
-                      sketch: int | None = None, seed: int = 0, progress: bool = False) -> Alignment:
-    """K over every parameter and per block for ``encoded`` (input order). Exact: ``tile`` pairs a pass,
-    each pair of tiles together once (a single tile alone). With ``sketch`` = DIM: each tile once,
-    every pair gradient projected to DIM numbers per parameter tensor (:class:`Sketcher`), and K the
-    sketches' inner products (an estimate)."""
+                      sketch: int | None = None, seed: int = 0, progress: bool = False, method: str = "auto",
+                      bank_gb: float = 4.0, bank_dir: str | None = None, pack: bool = False,
+                      max_batch_tokens: int | None = None) -> Alignment:
+    """K over every parameter and per block for ``encoded`` (input order). Exact, two methods
+    (``auto``: :func:`choose_method`):
+
+    * ``tiles``: ``tile`` pairs a tile, each pair of tiles together in one pass (a single tile alone),
+      every layer's (pairs × pairs) products formed in its gradient hook; memory is two tiles' pass.
+    * ``bank``: the parameters in groups (:func:`bank_groups`, ``bank_gb`` of per-pair gradients
+      each); per group, every batch of ``tile`` pairs (``max_batch_tokens``; packed with ``pack``)
+      runs once, its pairs' gradients of the group's tensors go into the bank, and K is the bank's
+      Gram. Memory is the bank plus one batch's pass; with ``bank_dir`` the bank is files in a scratch
+      directory there (removed after), and memory one tensor's N rows plus the pass.
+
+    With ``sketch`` = DIM: each tile once, every pair gradient projected to DIM numbers per parameter
+    tensor (:class:`Sketcher`), and K the sketches' inner products (an estimate)."""
     from tqdm.auto import tqdm
 
     N = len(encoded)
-    tiles = [list(range(s, min(s + tile, N))) for s in range(0, N, tile)]
+    if method not in METHODS:
+        raise GradscopeError(f"unknown align method {method!r}; known: {', '.join(METHODS)}")
+    pack = pack and model.causal
     if sketch:
-        return _sketched_alignment(model, encoded, tiles, Sketcher(sketch, seed), pad_id, progress)
+        batches = length_batches(encoded, tile, max_batch_tokens, pack)
+        return _sketched_alignment(model, encoded, batches, Sketcher(sketch, seed), pad_id, pack, progress)
+    if method == "auto":
+        method = choose_method(model, N, tile, bank_gb * 1e9)
+    if method == "bank":
+        if bank_dir is None:
+            return _bank_alignment(model, encoded, tile, bank_gb * 1e9, pad_id, pack, max_batch_tokens, progress)
+        import shutil
+        import tempfile
+
+        Path(bank_dir).mkdir(parents=True, exist_ok=True)
+        scratch = tempfile.mkdtemp(prefix="gradscope-bank-", dir=bank_dir)
+        try:
+            return _bank_alignment(model, encoded, tile, bank_gb * 1e9, pad_id, pack, max_batch_tokens, progress,
+                                   spill=scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    tiles = [list(range(s, min(s + tile, N))) for s in range(0, N, tile)]
     passes = [(a, b) for a in range(len(tiles)) for b in range(a + 1, len(tiles))] or [(0, 0)]
     dev = next(model.parameters()).device
     blocks: dict[str, np.ndarray] = {}
@@ -186,29 +353,86 @@ def compute_alignment(model: RewardModel, encoded: list[EncodedPair], *, pad_id:
     return Alignment(sum(blocks.values()), blocks, d, dist)
 
 
-def _sketched_alignment(model, encoded, tiles, sketcher: Sketcher, pad_id: int, progress: bool) -> Alignment:
+def _bank_alignment(model, encoded, tile: int, budget: float, pad_id: int, pack: bool, max_batch_tokens,
+                    progress: bool, spill: str | None = None) -> Alignment:
+    from tqdm.auto import tqdm
+
+    N, dev = len(encoded), next(model.parameters()).device
+    dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+    groups = bank_groups(model, N, budget, torch.finfo(dtype).bits // 8)
+    batches = length_batches(encoded, tile, max_batch_tokens, pack)
+    names = parameter_names(model)
+    blocks: dict[str, torch.Tensor] = {}
+    d, dist = np.zeros(N), np.zeros(N)
+    same = torch.zeros(N, dtype=torch.bool)
+    diag = torch.zeros(N, len(names), dtype=torch.float64)
+    bar = tqdm(total=len(groups) * len(batches), desc="align (bank)", unit="batch", disable=not progress,
+               dynamic_ncols=True)
+    for gi, group in enumerate(groups):
+        bank = _Bank(N, dtype, spill)
+        try:
+            _fill(bank, model, encoded, batches, group, pad_id, pack, dev, first=gi == 0, d=d, dist=dist, same=same,
+                  diag=diag, bar=bar)
+            grams = bank.grams()
+        finally:
+            bank.close()
+        for name, k in grams.items():
+            blk = block_of(name)
+            k.diagonal().copy_(diag[:, names.index(name)])
+            blocks[blk] = blocks[blk] + k if blk in blocks else k
+    bar.close()
+    out = {}
+    for blk in block_order(list(blocks)):
+        k = blocks[blk]
+        k[same] = 0.0
+        k[:, same] = 0.0
+        out[blk] = k.cpu().numpy()
+    return Alignment(sum(out.values()), out, d, dist)
+
+
+def _fill(bank: _Bank, model, encoded, batches, group, pad_id, pack, dev, *, first, d, dist, same, diag, bar):
+    """Run every batch once for one group of modules, its pairs' gradients into ``bank``; the ghost
+    engine's squared norms into ``diag`` (pairs × parameter tensors); on the first group, d, the
+    distance and the identical pairs too."""
+    for idx in batches:
+        batch = collate_batch([encoded[i] for i in idx], pad_id=pad_id, pack=pack)
+        ix = torch.tensor(idx)
+        pg = ENGINES["ghost"](model, **batch.to(dev).engine_args(), keep=bank.reducer(ix.to(dev)), only=set(group))
+        diag[ix] += pg.sq_norms.cpu()  # 0 outside the group
+        if first:
+            d[ix.numpy()], dist[ix.numpy()] = _d_and_distance(pg)
+            same[ix] = identical_pairs(**batch.engine_args())
+        bar.update()
+
+
+def _sketched_alignment(model, encoded, batches, sketcher: Sketcher, pad_id: int, pack: bool,
+                        progress: bool) -> Alignment:
     from tqdm.auto import tqdm
 
     N, dev = len(encoded), next(model.parameters()).device
     parts: dict[str, list[np.ndarray]] = {}
+    rows: list[np.ndarray] = []
     d, dist = np.zeros(N), np.zeros(N)
-    for idx in tqdm(tiles, desc="align (sketch)", unit="tile", disable=not progress, dynamic_ncols=True):
-        ids, mask = collate([encoded[i] for i in idx], pad_id=pad_id)
+    for idx in tqdm(batches, desc="align (sketch)", unit="batch", disable=not progress, dynamic_ncols=True):
+        batch = collate_batch([encoded[i] for i in idx], pad_id=pad_id, pack=pack)
         sketches: dict[str, torch.Tensor] = {}
-        pg = ENGINES["ghost"](model, ids.to(dev), mask.to(dev), keep=sketcher.reducer(sketches, len(idx)))
-        same = identical_pairs(ids, mask).to(pg.rewards.device)
+        pg = ENGINES["ghost"](model, **batch.to(dev).engine_args(), keep=sketcher.reducer(sketches, len(idx)))
+        same = identical_pairs(**batch.engine_args()).to(pg.rewards.device)
         per_block: dict[str, torch.Tensor] = {}
-        for name, sk in sketches.items():
+        for name, sk in sorted(sketches.items()):  # the same column order in every batch
             sk[same] = 0.0
             blk = block_of(name)
             per_block[blk] = torch.cat([per_block[blk], sk], 1) if blk in per_block else sk
         for blk, sk in per_block.items():
             parts.setdefault(blk, []).append(sk.cpu().numpy())
         ix = np.array(idx)
+        rows.append(ix)
         d[ix], dist[ix] = _d_and_distance(pg)
+    where = np.concatenate(rows)  # the batches' pairs, in batch order -> input order
     blocks = {}
     for blk in block_order(list(parts)):
-        S = np.concatenate(parts[blk])
+        S = np.empty((N, parts[blk][0].shape[1]))
+        S[where] = np.concatenate(parts[blk])
         blocks[blk] = S @ S.T
     return Alignment(sum(blocks.values()), blocks, d, dist)
 
@@ -244,16 +468,16 @@ class Sketcher:
 
         def reduce(name, mod, rule, x, g):
             full = lambda p: f"{name}.{p}" if name else p  # noqa: E731
-            gp = _pairs(g, B)
+            gp = _per_pair(g, B)
             P = self.proj(name, "out", gp.shape[-1], k, gp)
             if rule == "embedding":  # a one-hot input: the row of its id
                 Q = self.proj(name, "in", mod.num_embeddings, k, gp)
-                qa = Q[_pairs(x, B)]
+                qa = Q[_per_pair(x, B)]
             elif rule in ("linear", "conv1d"):
-                a = _pairs(x, B)
+                a = _per_pair(x, B)
                 qa = a @ self.proj(name, "in", a.shape[-1], k, a)
             else:  # affine norm: a vector gradient
-                v = _pairs(_norm_dy_dw(mod, x) * g, B).sum(1)
+                v = _per_pair(_norm_dy_dw(mod, x) * g, B).sum(1)
                 out[full("weight")] = (v @ self.proj(name, "vec", v.shape[-1], k * k, v)).double()
                 qa = None
             if qa is not None:
@@ -275,7 +499,17 @@ class AlignConfig(ModelOptions, DataOptions):
     out: str = opt("results/align", "Output directory: gram.npy, gram_blocks.npz, align_pairs.parquet, align.json, "
                    "figures.")
     limit: int | None = reopt(DataOptions, "limit", 128)
-    tile: int = opt(64, "Pairs per tile: memory is bounded by two tiles (each pair of tiles runs together once).")
+    tile: int = opt(8, "Pairs per pass (a tile): with --method tiles memory is bounded by two tiles' pass (each pair "
+                    "of tiles runs together once); with bank by one tile's pass plus the bank.")
+    method: str = opt("auto", "Exact method: 'tiles' (every pair of tiles in one pass, about N² / tile pairs run), "
+                      "'bank' (each tile once per group of parameters, their per-pair gradients held in --bank-gb, "
+                      "about N × groups pairs run), or 'auto': whichever runs fewer.")
+    bank_gb: float = opt(4.0, "Room for the bank's per-pair gradients (GB; on disk with --bank-dir): more means fewer "
+                         "groups of parameters, so fewer passes.")
+    bank_dir: str | None = opt(None, "Keep the bank in files under this directory (a scratch folder, removed after) "
+                               "instead of memory: --bank-gb then counts disk, and memory holds one tensor's rows.")
+    max_batch_tokens: int | None = max_batch_tokens_opt(None)
+    pack: bool = pack_opt()
     sketch: int | None = opt(None, "Estimate K from seeded random projections of DIM numbers per parameter tensor "
                              "(for N beyond exact memory: each pair runs once); the first tile is also run "
                              "exactly, and the sketch's cosine error on it goes into align.json.")
@@ -287,6 +521,10 @@ class AlignConfig(ModelOptions, DataOptions):
             raise GradscopeError("--tile must be at least 1")
         if self.sketch is not None and self.sketch < 1:
             raise GradscopeError("--sketch must be at least 1")
+        if self.method not in METHODS:
+            raise GradscopeError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.bank_gb <= 0:
+            raise GradscopeError("--bank-gb must be positive")
 
 
 def aggregate_weights(d: np.ndarray, distance: np.ndarray) -> dict[str, np.ndarray]:
@@ -364,12 +602,19 @@ def run_align(cfg: AlignConfig, log=print) -> dict:
     inputs = load_inputs(cfg, log=log)
     enc = inputs.encoded
     pad = pad_token_id(inputs.loaded.tokenizer)
-    al = compute_alignment(inputs.loaded.model, enc, pad_id=pad, tile=cfg.tile, sketch=cfg.sketch, seed=cfg.seed,
-                           progress=cfg.progress)
+    model = inputs.loaded.model
+    how = dict(pad_id=pad, tile=cfg.tile, bank_gb=cfg.bank_gb, bank_dir=cfg.bank_dir, pack=cfg.pack,
+               max_batch_tokens=cfg.max_batch_tokens)
+    method = "sketch" if cfg.sketch else (choose_method(model, len(enc), cfg.tile, cfg.bank_gb * 1e9)
+                                          if cfg.method == "auto" else cfg.method)
+    groups = len(bank_groups(model, len(enc), cfg.bank_gb * 1e9)) if method == "bank" else None
+    log(f"align: {len(enc)} pairs, method {method}" + (f", {groups} parameter groups" if groups else ""))
+    al = compute_alignment(model, enc, sketch=cfg.sketch, seed=cfg.seed, progress=cfg.progress,
+                           method=cfg.method if cfg.sketch else method, **how)
     check = None
     if cfg.sketch:  # the sketch against the exact K on the pairs of the first tile
         m = min(len(enc), cfg.tile)
-        exact = compute_alignment(inputs.loaded.model, enc[:m], pad_id=pad, tile=m).cosine()
+        exact = compute_alignment(model, enc[:m], **{**how, "tile": m}).cosine()
         err = np.abs(al.cosine()[:m, :m] - exact)[~np.eye(m, dtype=bool)]
         check = {"dim": cfg.sketch, "pairs_checked": m, "cosine_abs_error_mean": float(err.mean()),
                  "cosine_abs_error_p95": float(np.quantile(err, 0.95)), "cosine_abs_error_max": float(err.max())}
@@ -390,7 +635,9 @@ def run_align(cfg: AlignConfig, log=print) -> dict:
     T.atomic_write_bytes(out / "gram_blocks.npz", write_with(lambda f: np.savez(f, **al.blocks)))
     T.write_json(ids, out / "gram_pair_ids.json")
     T.write_parquet(pairs, out / "align_pairs.parquet")
-    summary = {"model": cfg.model, "data": cfg.data, "n_pairs": len(enc), "tile": cfg.tile, "sketch": check,
+    summary = {"model": cfg.model, "data": cfg.data, "n_pairs": len(enc), "method": method, "tile": cfg.tile,
+               "bank_groups": groups,
+               "pack": cfg.pack and model.causal, "sketch": check,
                "blocks": list(al.blocks), "seconds": round(time.perf_counter() - t0, 2), **summary,
                "config": dataclasses.asdict(cfg), "versions": versions()}
     T.write_json(summary, out / "align.json")

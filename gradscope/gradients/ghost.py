@@ -283,7 +283,7 @@ class _Recorder:
     """Forward hooks that keep each module's input and hang a gradient hook on its output."""
 
     def __init__(self, model: RewardModel, plan: dict, B: int, names: list[str], mask: torch.Tensor,
-                 keep=None, segments: torch.Tensor | None = None):
+                 keep=None, segments: torch.Tensor | None = None, only: set[str] | None = None):
         # the token tensors' layout (two rows per pair, or one packed row); the head's pooled input is
         # always [chosen; rejected]
         self.token_layout = _Sides(B) if segments is None else _Rows(segments)
@@ -295,8 +295,10 @@ class _Recorder:
         self.sq = torch.zeros(B, len(names), dtype=torch.float64, device=mask.device)
         self.mask = mask  # (rows, T) token mask; the head sees one pooled "token" per row
         self.calls: dict[str, int] = {}
+        # ``only``: record these modules alone, and start the graph at them (see ghost_engine)
+        self.only = only
         self.handles = [m.register_forward_hook(self._forward_hook(name, m, rule))
-                        for name, (m, rule) in plan.items()]
+                        for name, (m, rule) in plan.items() if only is None or name in only]
         self.leaves: list[torch.Tensor] = []
         self.recording = True  # off after the forward: the norm rule calls modules again
         # layers that read the same input tensor (q, k and v; gate and up) share its token Gram: how
@@ -322,7 +324,7 @@ class _Recorder:
                 raise GradscopeError(f"ghost engine: module {name} ({type(mod).__name__}) runs more than once "
                                      "per forward; use --engine vmap")
             x = inputs[0].detach()
-            if rule == "embedding":
+            if rule == "embedding" or (self.only is not None and not output.requires_grad):
                 output = output.detach().requires_grad_(True)  # a leaf: the graph starts here
                 self.leaves.append(output)
             key = (x.data_ptr(), tuple(x.shape), x.stride()) if rule in ("linear", "conv1d") and x.dim() > 2 else None
@@ -456,12 +458,18 @@ def _frozen(model: nn.Module):
 
 
 def ghost_engine(model: RewardModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 segments: torch.Tensor | None = None, keep=None, **_ignored) -> PairGrads:
+                 segments: torch.Tensor | None = None, keep=None, only: set[str] | None = None,
+                 **_ignored) -> PairGrads:
     """input_ids, attention_mask: (B, 2, T), or packed (B, L) with ``segments`` (B, L). One forward
     and one backward over all rows. Given a list ``keep``, every layer's (name, module, rule, input,
     output gradient) is appended to it, for :func:`weighted_grads` (the parameter gradient of any
     per-pair weighting, with no second pass); given a callable, it is called with them as soon as the
-    layer's gradient exists (and nothing is kept)."""
+    layer's gradient exists (and nothing is kept).
+
+    ``only`` (module names): record those modules alone (the other parameters' columns stay 0). The
+    graph then starts at them: the output of a recorded module that nothing recorded feeds becomes a
+    leaf, so the forward below keeps no activations and the backward stops there. The gradient at
+    every recorded output is still the whole of ∂S/∂output, since all that S depends on lies above."""
     plan = check_supported(model)
     names = parameter_names(model)
     B = input_ids.shape[0]
@@ -472,7 +480,9 @@ def ghost_engine(model: RewardModel, input_ids: torch.Tensor, attention_mask: to
     else:
         ids, mask, extra = input_ids, attention_mask, {"segments": segments}
     sink = (lambda *t: keep.append(t)) if isinstance(keep, list) else keep
-    rec = _Recorder(model, plan, B, names, mask, keep=sink, segments=segments)
+    if only is not None and set(only) - set(plan):
+        raise GradscopeError(f"ghost engine: no module {sorted(set(only) - set(plan))[0]!r} owns parameters")
+    rec = _Recorder(model, plan, B, names, mask, keep=sink, segments=segments, only=only)
     try:
         with _frozen(model), torch.enable_grad():
             out = model(ids, mask, **extra)  # rewards and states: 2B rows [chosen; rejected] either way
@@ -480,7 +490,7 @@ def ghost_engine(model: RewardModel, input_ids: torch.Tensor, attention_mask: to
             if not rec.leaves:
                 raise GradscopeError("ghost engine: the model has no nn.Embedding at its input; use --engine vmap")
             S = (out.rewards[:B] - out.rewards[B:]).sum()
-            torch.autograd.grad(S, rec.leaves)
+            torch.autograd.grad(S, rec.leaves, allow_unused=only is not None)
     finally:
         rec.close()
     rewards = torch.stack([out.rewards[:B], out.rewards[B:]], dim=1).detach()  # (B, 2)
