@@ -608,7 +608,7 @@ def run_align(cfg: AlignConfig, log=print) -> dict:
     method = "sketch" if cfg.sketch else (choose_method(model, len(enc), cfg.tile, cfg.bank_gb * 1e9)
                                           if cfg.method == "auto" else cfg.method)
     groups = len(bank_groups(model, len(enc), cfg.bank_gb * 1e9)) if method == "bank" else None
-    log(f"align: {len(enc)} pairs, method {method}" + (f", {groups} parameter groups" if groups else ""))
+    log(f"align: {len(enc)} pairs, method {method}" + (f", parameters in {groups} group(s)" if groups else ""))
     al = compute_alignment(model, enc, sketch=cfg.sketch, seed=cfg.seed, progress=cfg.progress,
                            method=cfg.method if cfg.sketch else method, **how)
     check = None
