@@ -43,6 +43,30 @@ def test_fast_engines_equal_loop_float64(kind, padding, engine):
     assert (ref.sq_norms[3] == 0).all() and (fast.sq_norms[3] == 0).all()
 
 
+@pytest.mark.parametrize("margin", [0.0, 1e9])
+@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_ghost_gram_form_and_instantiated_gradient_both_equal_loop_float64(kind, pack, margin, monkeypatch):
+    """Each linear layer's norm through the instantiated pair gradient (margin 0) and through the token
+    Gram form (margin 1e9), on two rows a pair and on packed rows, against the loop reference."""
+    import gradscope.gradients.ghost as ghost
+    from gradscope.data import EncodedPair, Pair, collate_batch
+
+    monkeypatch.setattr(ghost, "GRAM_MARGIN", margin)
+    model = tiny_reward_model(kind, torch.float64)
+    g = torch.Generator().manual_seed(3)
+    enc = []
+    for n in (6, 9, 4):
+        prompt = torch.randint(1, 60, (n,), generator=g).tolist()
+        enc.append(EncodedPair(Pair("p", (), (), "", "all"), tuple(prompt + torch.randint(1, 60, (5,), generator=g).tolist()),
+                               tuple(prompt + torch.randint(1, 60, (3,), generator=g).tolist()), False))
+    batch = collate_batch(enc, pack=pack)
+    assert batch.packed == pack
+    ref = ENGINES["loop"](model, *collate_batch(enc).engine_args().values())
+    fast = ENGINES["ghost"](model, **batch.engine_args())
+    assert_norms_match(ref.sq_norms, fast.sq_norms, rtol=1e-6, names=ref.names)
+
+
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_identical_pairs_are_exactly_zero_in_float32(engine):
     model = tiny_reward_model("llama", torch.float32)
