@@ -8,7 +8,7 @@ pair of tiles in one pass, about N / tile times the ghost pass's work) and, with
 sketched one (each batch once). Each measurement runs in a fresh process; its peak resident memory
 is sampled every 2 ms (CUDA: max allocated).
 
-    python benchmarks/bench_align.py                      # SmolLM2, 256 tokens, N = 64 and 256, bank
+    python benchmarks/bench_align.py --tile 4 --bank-dir /tmp --bank-gb 60   # SmolLM2, 256 tokens, N = 64 and 256
     python benchmarks/bench_align.py --n 32 --methods bank tiles --sketch 1024 --json out.json
 
 Target: peak memory under 8 GB for both N. Run alone, by hand, not in CI.
@@ -48,7 +48,7 @@ def _child(what: str, n: int, args) -> dict:
     model = loaded.model
 
     pack = loaded.model.causal and not args.no_pack
-    how = dict(pad_id=pad, tile=args.tile, bank_gb=args.bank_gb, pack=pack)
+    how = dict(pad_id=pad, tile=args.tile, bank_gb=args.bank_gb, bank_dir=args.bank_dir, pack=pack)
 
     def ghost_pass():
         for idx in length_batches(encoded, args.tile, pack=pack):
@@ -61,7 +61,10 @@ def _child(what: str, n: int, args) -> dict:
            "sketch": lambda: compute_alignment(model, encoded, sketch=args.sketch, **how)}[what]
     t0 = time.perf_counter()
     mem = peak_extra_mb(run, args.device)
-    return {"what": what, "n": n, "seconds": time.perf_counter() - t0, "peak_extra_mb": mem,
+    from gradscope.align import bank_groups
+
+    groups = len(bank_groups(model, n, args.bank_gb * 1e9)) if what == "bank" else None
+    return {"what": what, "n": n, "seconds": time.perf_counter() - t0, "peak_extra_mb": mem, "groups": groups,
             "tokens_per_side_max": max(max(len(e.chosen_ids), len(e.rejected_ids)) for e in encoded)}
 
 
@@ -72,6 +75,7 @@ def main() -> None:
     ap.add_argument("--tile", type=int, default=8, help="pairs per pass (the tiles method's passes hold two tiles)")
     ap.add_argument("--methods", nargs="+", default=["bank"], choices=["bank", "tiles"], help="exact methods to time")
     ap.add_argument("--bank-gb", type=float, default=4.0, help="the bank method's memory for per-pair gradients")
+    ap.add_argument("--bank-dir", help="keep the bank in files under this directory (--bank-gb then counts disk)")
     ap.add_argument("--no-pack", action="store_true", help="run every pair as two rows")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--sketch", type=int, default=None, help="also time --sketch DIM")
@@ -91,14 +95,17 @@ def main() -> None:
                 cmd += ["--sketch", str(args.sketch)]
             if args.no_pack:
                 cmd += ["--no-pack"]
+            if args.bank_dir:
+                cmd += ["--bank-dir", args.bank_dir]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
-    print(f"\n{args.model}, ≤{args.max_length} tokens a side, tile {args.tile}, bank {args.bank_gb} GB, "
+    print(f"\n{args.model}, ≤{args.max_length} tokens a side, tile {args.tile}, bank {args.bank_gb} GB "
+          f"{'on disk' if args.bank_dir else 'in memory'}, "
           f"{'unpacked' if args.no_pack else 'packed where pairs pack'}, device {args.device}")
     base = {r["n"]: r["seconds"] for r in rows if r["what"] == "ghost"}
-    report(["N", "what", "seconds", "time / ghost pass", "peak extra MB"],
-           [[str(r["n"]), r["what"], f"{r['seconds']:.1f}", f"{r['seconds'] / base[r['n']]:.1f}×",
+    report(["N", "what", "parameter groups", "seconds", "time / ghost pass", "peak extra MB"],
+           [[str(r["n"]), r["what"], str(r["groups"] or ""), f"{r['seconds']:.1f}", f"{r['seconds'] / base[r['n']]:.1f}×",
              f"{r['peak_extra_mb']:.0f}"] for r in rows], rows, args.json)
 
 

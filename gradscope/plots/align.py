@@ -38,7 +38,7 @@ def plot_alignment(out: str | Path) -> list[str]:
             ax.axvline(e, color="k", lw=0.8)
         starts = np.concatenate([[0], edges[:-1]])
         ax.set_yticks((starts + edges) / 2, [display_name(c) for c in cats], rotation=0)
-        ax.set_title("pair × pair gradient cosine (by category, then distance ↑)")
+        ax.set_title("pair × pair gradient cosine\n(by category, then distance ↑)")
         written += save(fig, out / "figures" / "align_heatmap")
         plt.close(fig)
 
