@@ -256,10 +256,23 @@ class _Bank:
         return out
 
 
-def bank_groups(model: RewardModel, N: int, budget_bytes: float, itemsize: int = 4) -> list[list[str]]:
+def _bank_dtype(model: RewardModel) -> torch.dtype:
+    """The bank holds float64 for a float64 model, else float32."""
+    return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+
+
+def bank_bytes(model: RewardModel, N: int) -> float:
+    """The size of the whole bank of N pairs (the embeddings' sparse rows left out)."""
+    itemsize = torch.finfo(_bank_dtype(model)).bits // 8
+    return float(sum(N * itemsize * sum(p.numel() for p in mod.parameters(recurse=False))
+                     for mod, rule in check_supported(model).values() if rule != "embedding"))
+
+
+def bank_groups(model: RewardModel, N: int, budget_bytes: float) -> list[list[str]]:
     """The modules that own parameters, in the model's order, in groups whose bank (N per-pair
     gradients of every tensor; the embedding's sparse rows left out) fits ``budget_bytes``; a
     module larger than the budget alone."""
+    itemsize = torch.finfo(_bank_dtype(model)).bits // 8
     groups: list[list[str]] = [[]]
     size = 0.0
     for name, (mod, rule) in check_supported(model).items():
@@ -358,8 +371,8 @@ def _bank_alignment(model, encoded, tile: int, budget: float, pad_id: int, pack:
     from tqdm.auto import tqdm
 
     N, dev = len(encoded), next(model.parameters()).device
-    dtype = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
-    groups = bank_groups(model, N, budget, torch.finfo(dtype).bits // 8)
+    dtype = _bank_dtype(model)
+    groups = bank_groups(model, N, budget)
     batches = length_batches(encoded, tile, max_batch_tokens, pack)
     names = parameter_names(model)
     blocks: dict[str, torch.Tensor] = {}
@@ -508,6 +521,8 @@ class AlignConfig(ModelOptions, DataOptions):
                          "groups of parameters, so fewer passes.")
     bank_dir: str | None = opt(None, "Keep the bank in files under this directory (a scratch folder, removed after) "
                                "instead of memory: --bank-gb then counts disk, and memory holds one tensor's rows.")
+    exact_run: str | None = opt(None, "With --sketch: an exact align run's directory (same model and encoding); the "
+                                "sketch's cosine error on the pairs both ran goes into align.json.")
     max_batch_tokens: int | None = max_batch_tokens_opt(None)
     pack: bool = pack_opt()
     sketch: int | None = opt(None, "Estimate K from seeded random projections of DIM numbers per parameter tensor "
@@ -525,6 +540,8 @@ class AlignConfig(ModelOptions, DataOptions):
             raise GradscopeError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.bank_gb <= 0:
             raise GradscopeError("--bank-gb must be positive")
+        if self.exact_run and not self.sketch:
+            raise GradscopeError("--exact-run checks a sketch: give --sketch DIM too")
 
 
 def aggregate_weights(d: np.ndarray, distance: np.ndarray) -> dict[str, np.ndarray]:
@@ -589,6 +606,52 @@ def alignment_summary(al: Alignment, categories: list[str], n_boot: int = 999, s
     return cols, summary
 
 
+def _cosine_errors(sketched: np.ndarray, exact: np.ndarray) -> dict:
+    """|cosine error| between different pairs (the diagonal is 1 on both sides)."""
+    err = np.abs(sketched - exact)[~np.eye(len(exact), dtype=bool)]
+    return {"cosine_abs_error_mean": float(err.mean()), "cosine_abs_error_p95": float(np.quantile(err, 0.95)),
+            "cosine_abs_error_max": float(err.max())} if err.size else {}
+
+
+def _load_exact_run(cfg: AlignConfig) -> tuple[list[str], np.ndarray]:
+    """An exact run's pair ids and K (``--exact-run DIR``), refused unless it shares this run's model
+    and encoding."""
+    import json
+
+    run = Path(cfg.exact_run)
+    try:
+        other = json.loads((run / "align.json").read_text())
+        theirs = json.loads((run / "gram_pair_ids.json").read_text())
+        gram = np.load(run / "gram.npy", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise GradscopeError(f"--exact-run {run}: not a finished align run ({e})") from e
+    if other.get("sketch"):
+        raise GradscopeError(f"--exact-run {run}: that run is itself a sketch")
+
+    def same(key):
+        a, b = other.get("config", {}).get(key), getattr(cfg, key)
+        if key in ("model", "data") and isinstance(a, str) and Path(a).exists() and Path(b).exists():
+            return Path(a).resolve() == Path(b).resolve()
+        return a == b
+
+    differ = [k for k in ("model", "dtype", "seed", "max_length", "pooling", "data") if not same(k)]
+    if differ:
+        raise GradscopeError(f"--exact-run {run}: its {', '.join(differ)} differ from this run's")
+    return theirs, gram
+
+
+def _against_exact_run(run: str, theirs: list[str], gram: np.ndarray, al: Alignment, ids: list[str]) -> dict:
+    """The sketch's cosines against the exact run's on the pairs both ran."""
+    mine = {pid: i for i, pid in enumerate(ids)}
+    shared = [(mine[pid], j) for j, pid in enumerate(theirs) if pid in mine]
+    if len(shared) < 2:
+        raise GradscopeError(f"--exact-run {run}: fewer than 2 pairs in common with this run")
+    a, b = (np.array(x) for x in zip(*shared))
+    n = np.sqrt(np.clip(np.diag(gram), 0, None))
+    exact = np.divide(gram, np.outer(n, n), out=np.zeros_like(gram), where=np.outer(n, n) > 0)[np.ix_(b, b)]
+    return {"run": str(run), "pairs_shared": len(shared), **_cosine_errors(al.cosine()[np.ix_(a, a)], exact)}
+
+
 def run_align(cfg: AlignConfig, log=print) -> dict:
     """Compute K for the pairs of ``cfg``, write the tables (atomically) and the figures; return align.json."""
     import pandas as pd
@@ -599,27 +662,35 @@ def run_align(cfg: AlignConfig, log=print) -> dict:
 
     cfg.validate()
     t0 = time.perf_counter()
+    exact_run = _load_exact_run(cfg) if cfg.exact_run else None  # refused before any work
     inputs = load_inputs(cfg, log=log)
     enc = inputs.encoded
     pad = pad_token_id(inputs.loaded.tokenizer)
+    if exact_run and len({e.pair.pair_id for e in enc} & set(exact_run[0])) < 2:
+        raise GradscopeError(f"--exact-run {cfg.exact_run}: fewer than 2 pairs in common with this run")
     model = inputs.loaded.model
     how = dict(pad_id=pad, tile=cfg.tile, bank_gb=cfg.bank_gb, bank_dir=cfg.bank_dir, pack=cfg.pack,
                max_batch_tokens=cfg.max_batch_tokens)
     method = "sketch" if cfg.sketch else (choose_method(model, len(enc), cfg.tile, cfg.bank_gb * 1e9)
                                           if cfg.method == "auto" else cfg.method)
     groups = len(bank_groups(model, len(enc), cfg.bank_gb * 1e9)) if method == "bank" else None
-    log(f"align: {len(enc)} pairs, method {method}" + (f", parameters in {groups} group(s)" if groups else ""))
+    need = bank_bytes(model, len(enc)) / 1e9
+    log(f"align: {len(enc)} pairs, method {method}" + (f", a bank of {need:.1f} GB in {groups} group(s) of "
+                                                     f"--bank-gb {cfg.bank_gb:g}" if groups else ""))
+    if groups and groups > 1 and cfg.bank_dir is None:
+        log(f"align: each group runs every pair once; a bank on disk (--bank-dir DIR --bank-gb {need * 1.05:.0f}) "
+            "would take one pass")
     al = compute_alignment(model, enc, sketch=cfg.sketch, seed=cfg.seed, progress=cfg.progress,
                            method=cfg.method if cfg.sketch else method, **how)
     check = None
+    ids = [e.pair.pair_id for e in enc]
     if cfg.sketch:  # the sketch against the exact K on the pairs of the first tile
         m = min(len(enc), cfg.tile)
         exact = compute_alignment(model, enc[:m], **{**how, "tile": m}).cosine()
-        err = np.abs(al.cosine()[:m, :m] - exact)[~np.eye(m, dtype=bool)]
-        check = {"dim": cfg.sketch, "pairs_checked": m, "cosine_abs_error_mean": float(err.mean()),
-                 "cosine_abs_error_p95": float(np.quantile(err, 0.95)), "cosine_abs_error_max": float(err.max())}
+        check = {"dim": cfg.sketch, "pairs_checked": m, **_cosine_errors(al.cosine()[:m, :m], exact)}
+        if cfg.exact_run:
+            check["against_exact_run"] = _against_exact_run(cfg.exact_run, *exact_run, al, ids)
     out = Path(cfg.out)
-    ids = [e.pair.pair_id for e in enc]
     cats = [e.pair.category for e in enc]
     cols, summary = alignment_summary(al, cats, cfg.n_boot, cfg.seed)
     pairs = pd.DataFrame({T.PAIR_ID: ids, T.SUBSET: [e.pair.subset for e in enc], T.CATEGORY: cats,

@@ -96,17 +96,24 @@ examples:
 
 ALIGN_DESCRIPTION = """\
 For N pairs, the exact inner products K_ij = <∇θ(r_w - r_l)_i, ∇θ(r_w - r_l)_j> over every parameter
-and per block, without storing a per-pair gradient: one forward and one backward per tile of pairs
-(pairs of tiles run together, so memory is bounded by two tiles), each layer's inner products from
-its inputs and output gradients. Writes gram.npy (K, float64, input order; gram_pair_ids.json beside
-it), gram_blocks.npz (K per block), align_pairs.parquet (per pair: distance, norm, cosine with the BT
-and the NormBT batch update), align.json (category x category mean cosines with bootstrap
-intervals, the spectrum of K, the cosine of the two batch updates, each category's share of them)
-and figures/. The diagonal of K is correlate's grad_norm squared."""
+and per block. Each pass is one forward and one backward over a tile of pairs (packed where they
+pack). Two exact methods, --method auto taking the one that runs fewer pairs: 'bank' runs each tile
+once per group of parameter tensors and holds the pairs' gradients of the group (--bank-gb, in
+memory or, with --bank-dir, in scratch files), K their Gram; 'tiles' runs every pair of tiles
+together and stores nothing (about N^2 / tile pairs run). --sketch DIM estimates K from random
+projections instead (each tile once). Writes gram.npy (K, float64, input order; gram_pair_ids.json
+beside it), gram_blocks.npz (K per block), align_pairs.parquet (per pair: distance, norm, cosine
+with the BT and the NormBT batch update), align.json (category x category mean cosines with
+bootstrap intervals, the spectrum of K, the cosine of the two batch updates, each category's share
+of them) and figures/. The diagonal of K is correlate's grad_norm squared."""
 
 ALIGN_EPILOG = """\
 examples:
-  gradscope align --data ../shared/data/rewardbench-v1.jsonl --limit 128 --sample stratified --out results/align
+  # SmolLM2, 128 pairs: a pair's gradient is 0.42 GB, so the bank (54 GB) goes on disk, one pass
+  gradscope align --data ../shared/data/rewardbench-v1.jsonl --limit 128 --sample stratified \\
+      --max-length 256 --tile 4 --bank-dir /tmp --bank-gb 60 --out results/align
+  gradscope align --data ../shared/data/rewardbench-v1.jsonl --limit 600 --sample stratified \\
+      --max-length 256 --sketch 4096 --out results/align-sketch
   gradscope align --model runs/bt --data ../shared/data/train-reasoning.jsonl --limit 64 --dtype float64
 """
 

@@ -94,7 +94,8 @@ def test_the_bank_method_equals_materialised_per_pair_gradients_float64(kind, pa
     model = tiny_reward_model(kind, dtype=torch.float64)
     enc = pairs()
     ref = reference(model, enc)
-    groups = align.bank_groups(model, len(enc), bank_gb * 1e9, 8)
+    groups = align.bank_groups(model, len(enc), bank_gb * 1e9)
+    assert len(groups) == -(-align.bank_bytes(model, len(enc)) // (bank_gb * 1e9)) or bank_gb < 1e-5
     assert (len(groups) == 1) == (bank_gb == 1.0) and (bank_gb != 1e-9 or len(groups) > 10)  # > 10: one module each
     got = compute_alignment(model, enc, tile=3, method="bank", bank_gb=bank_gb, pack=pack,
                             bank_dir=str(tmp_path) if spill else None)
@@ -197,7 +198,7 @@ def test_the_sketchs_error_shrinks_as_its_dimension_grows(kind, float64_rmsnorm)
     np.testing.assert_allclose(packed, a, rtol=1e-9, atol=1e-12 * np.abs(a).max())
 
 
-def test_align_sketch_reports_its_error_against_the_exact_tile(tiny_model_dir, tmp_path):
+def test_align_sketch_reports_its_error_against_the_exact_tile(tiny_model_dir, tmp_path, capsys):
     import json
 
     from gradscope.cli import main
@@ -208,6 +209,21 @@ def test_align_sketch_reports_its_error_against_the_exact_tile(tiny_model_dir, t
     s = json.loads((out / "align.json").read_text())["sketch"]
     assert s["dim"] == 256 and s["pairs_checked"] == 4
     assert 0 < s["cosine_abs_error_mean"] <= s["cosine_abs_error_p95"] <= s["cosine_abs_error_max"] < 2
+    # against an earlier exact run, on the pairs both ran (6 of its 6 here), by hand
+    common = ["align", "--model", str(tiny_model_dir), "--data", "demo", "--max-length", "384", "--n-boot", "0",
+              "--no-progress"]
+    assert main(common + ["--limit", "6", "--out", str(tmp_path / "exact")]) == 0
+    assert main(common + ["--limit", "8", "--tile", "4", "--sketch", "256", "--exact-run", str(tmp_path / "exact"),
+                          "--out", str(out)]) == 0
+    got = json.loads((out / "align.json").read_text())["sketch"]["against_exact_run"]
+    exact, sketched = np.load(tmp_path / "exact" / "gram.npy"), np.load(out / "gram.npy")[:6, :6]
+    cos = lambda k: k / np.sqrt(np.outer(np.diag(k), np.diag(k)))  # noqa: E731  (no zero rows in these pairs)
+    err = np.abs(cos(sketched) - cos(exact))[~np.eye(6, dtype=bool)]
+    assert got["pairs_shared"] == 6 and got["cosine_abs_error_max"] == pytest.approx(err.max())
+    # a run encoded otherwise is refused in one line naming what differs, and writes nothing
+    assert main(common[:5] + ["--max-length", "128", "--n-boot", "0", "--no-progress", "--limit", "8", "--sketch",
+                              "64", "--exact-run", str(tmp_path / "exact"), "--out", str(tmp_path / "x")]) == 2
+    assert "its max_length differ" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_align_command_bank_in_files_gives_the_tiles_methods_gram(tiny_model_dir, tmp_path):

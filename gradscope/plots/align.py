@@ -38,6 +38,7 @@ def plot_alignment(out: str | Path) -> list[str]:
             ax.axvline(e, color="k", lw=0.8)
         starts = np.concatenate([[0], edges[:-1]])
         ax.set_yticks((starts + edges) / 2, [display_name(c) for c in cats], rotation=0)
+        ax.grid(False)
         ax.set_title("pair × pair gradient cosine\n(by category, then distance ↑)")
         written += save(fig, out / "figures" / "align_heatmap")
         plt.close(fig)
@@ -46,8 +47,10 @@ def plot_alignment(out: str | Path) -> list[str]:
         mat = np.array([[m[a][b]["mean_cosine"] for b in cats] for a in cats])
         fig, ax = plt.subplots(figsize=(1.2 * len(cats) + 2.5, 1.0 * len(cats) + 1.5))
         names = [display_name(c) for c in cats]
-        sns.heatmap(mat, ax=ax, annot=True, fmt=".2f", cmap="RdBu_r", center=0, xticklabels=names, yticklabels=names,
-                    cbar_kws={"label": "mean cosine (other pairs)"})
+        lim = float(np.nanmax(np.abs(mat))) or 1.0  # symmetric about 0: equal |cosine|, equal colour
+        sns.heatmap(mat, ax=ax, annot=True, fmt=".3f", cmap="RdBu_r", vmin=-lim, vmax=lim, xticklabels=names,
+                    yticklabels=names, cbar_kws={"label": "mean cosine (other pairs)"})
+        ax.grid(False)
         ax.set_title("mean gradient cosine between categories")
         written += save(fig, out / "figures" / "align_categories")
         plt.close(fig)
