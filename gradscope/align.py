@@ -294,13 +294,13 @@ def _d_and_distance(pg) -> tuple[np.ndarray, np.ndarray]:
 METHODS = ("auto", "bank", "tiles")
 
 
-def choose_method(model: RewardModel, N: int, tile: int, bank_bytes: float) -> str:
+def choose_method(model: RewardModel, N: int, tile: int, budget_bytes: float) -> str:
     """``bank`` or ``tiles``, whichever runs fewer pairs through the model: the tiles method runs
     every pair of tiles together (about N² / tile pairs), the bank each tile once per group of
     parameters (N × the number of groups, each pass cheaper: its graph starts at the group)."""
     T = -(-N // tile)
     tiles_cost = N if T == 1 else T * (T - 1) * tile
-    return "bank" if len(bank_groups(model, N, bank_bytes)) * N < tiles_cost else "tiles"
+    return "bank" if len(bank_groups(model, N, budget_bytes)) * N < tiles_cost else "tiles"
 
 
 def compute_alignment(model: RewardModel, encoded: list[EncodedPair], *, pad_id: int = 0, tile: int = 64,
@@ -436,16 +436,16 @@ def _sketched_alignment(model, encoded, batches, sketcher: Sketcher, pad_id: int
             sk[same] = 0.0
             blk = block_of(name)
             per_block[blk] = torch.cat([per_block[blk], sk], 1) if blk in per_block else sk
-        for blk, sk in per_block.items():
-            parts.setdefault(blk, []).append(sk.cpu().numpy())
+        for blk, sk in per_block.items():  # kept in the model's precision (float32 unless float64): half the memory
+            parts.setdefault(blk, []).append(sk.to(_bank_dtype(model)).cpu().numpy())
         ix = np.array(idx)
         rows.append(ix)
         d[ix], dist[ix] = _d_and_distance(pg)
     where = np.concatenate(rows)  # the batches' pairs, in batch order -> input order
     blocks = {}
     for blk in block_order(list(parts)):
-        S = np.empty((N, parts[blk][0].shape[1]))
-        S[where] = np.concatenate(parts[blk])
+        S = np.empty((N, parts[blk][0].shape[1]))  # float64 for the products
+        S[where] = np.concatenate(parts.pop(blk))
         blocks[blk] = S @ S.T
     return Alignment(sum(blocks.values()), blocks, d, dist)
 
