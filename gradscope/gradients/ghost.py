@@ -139,8 +139,8 @@ GRAM_COND_MAX = 30.0
 # product). Fitted on this CPU (2026-12-06, SmolLM2's layer shapes, 128-700 tokens). On packed rows the
 # rule picks the faster form in every measured shape but one (within 15%); on two rows a pair, margin 1.0
 # was the best single margin (27% less time over the measured shapes than 2.0, which took the Gram form
-# up to 4× slower on long rows), though it still takes the Gram form for some small layers (k, v) where
-# instantiating is faster.
+# up to 4× slower on long rows), though it still takes the Gram form for the attention projections
+# (q, k, v) at some lengths where instantiating is faster.
 GRAM_MARGIN = 1.0
 GRAM_OVERHEAD = 256
 
