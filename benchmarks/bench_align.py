@@ -8,7 +8,7 @@ pair of tiles in one pass, about N / tile times the ghost pass's work) and, with
 sketched one (each batch once). Each measurement runs in a fresh process; its peak resident memory
 is sampled every 2 ms (CUDA: max allocated).
 
-    python benchmarks/bench_align.py --tile 4 --bank-dir /tmp --bank-gb 60   # SmolLM2, 256 tokens, N = 64 and 256
+    python benchmarks/bench_align.py --tile 4 --bank-dir /var/tmp --bank-gb 60   # SmolLM2, 256 tokens, N = 64 and 256
     python benchmarks/bench_align.py --n 32 --methods bank tiles --sketch 1024 --json out.json
 
 Target: peak memory under 8 GB for both N. Run alone, by hand, not in CI.

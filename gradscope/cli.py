@@ -111,7 +111,7 @@ ALIGN_EPILOG = """\
 examples:
   # SmolLM2, 128 pairs: a pair's gradient is 0.42 GB, so the bank (54 GB) goes on disk, one pass
   gradscope align --data ../shared/data/rewardbench-v1.jsonl --limit 128 --sample stratified \\
-      --max-length 256 --tile 4 --bank-dir /tmp --bank-gb 60 --out results/align
+      --max-length 256 --tile 4 --bank-dir /var/tmp --bank-gb 60 --out results/align
   gradscope align --data ../shared/data/rewardbench-v1.jsonl --limit 600 --sample stratified \\
       --max-length 256 --sketch 4096 --out results/align-sketch
   gradscope align --model runs/bt --data ../shared/data/train-reasoning.jsonl --limit 64 --dtype float64
