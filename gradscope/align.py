@@ -519,7 +519,8 @@ class AlignConfig(ModelOptions, DataOptions):
                       "about N × groups pairs run), or 'auto': whichever runs fewer.")
     bank_gb: float = opt(4.0, "Room for the bank's per-pair gradients (GB; on disk with --bank-dir): more means fewer "
                          "groups of parameters, so fewer passes.")
-    bank_dir: str | None = opt(None, "Keep the bank in files under this directory (a scratch folder, removed after) "
+    bank_dir: str | None = opt(None, "Keep the bank in files under this directory (a scratch folder, removed after; "
+                               "on a disk, not a RAM-backed /tmp) "
                                "instead of memory: --bank-gb then counts disk, and memory holds one tensor's rows.")
     exact_run: str | None = opt(None, "With --sketch: an exact align run's directory (same model and encoding); the "
                                 "sketch's cosine error on the pairs both ran goes into align.json.")
