@@ -56,9 +56,14 @@ class Alignment:
 
     def cosine(self) -> np.ndarray:
         """(N, N) cosine of the pair gradients (0 where a gradient is 0)."""
-        n = np.sqrt(np.clip(np.diag(self.gram), 0, None))
-        denom = np.outer(n, n)
-        return np.divide(self.gram, denom, out=np.zeros_like(self.gram), where=denom > 0)
+        return _cosine(self.gram)
+
+
+def _cosine(K: np.ndarray) -> np.ndarray:
+    """A Gram matrix -> the cosines of its vectors (0 where a vector is 0)."""
+    n = np.sqrt(np.clip(np.diag(K), 0, None))
+    denom = np.outer(n, n)
+    return np.divide(K, denom, out=np.zeros_like(K), where=denom > 0)
 
 
 # ------------------------------------------------------------------------------------ per layer
@@ -261,22 +266,26 @@ def _bank_dtype(model: RewardModel) -> torch.dtype:
     return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
 
 
+def _module_bank_bytes(model: RewardModel, N: int) -> dict[str, int]:
+    """Module name -> bytes of its N per-pair gradients in the bank, in the model's order (0 for an
+    embedding, whose sparse rows are left out)."""
+    itemsize = torch.finfo(_bank_dtype(model)).bits // 8
+    return {name: 0 if rule == "embedding" else N * itemsize * sum(p.numel() for p in mod.parameters(recurse=False))
+            for name, (mod, rule) in check_supported(model).items()}
+
+
 def bank_bytes(model: RewardModel, N: int) -> float:
     """The size of the whole bank of N pairs (the embeddings' sparse rows left out)."""
-    itemsize = torch.finfo(_bank_dtype(model)).bits // 8
-    return float(sum(N * itemsize * sum(p.numel() for p in mod.parameters(recurse=False))
-                     for mod, rule in check_supported(model).values() if rule != "embedding"))
+    return float(sum(_module_bank_bytes(model, N).values()))
 
 
 def bank_groups(model: RewardModel, N: int, budget_bytes: float) -> list[list[str]]:
     """The modules that own parameters, in the model's order, in groups whose bank (N per-pair
     gradients of every tensor; the embedding's sparse rows left out) fits ``budget_bytes``; a
     module larger than the budget alone."""
-    itemsize = torch.finfo(_bank_dtype(model)).bits // 8
     groups: list[list[str]] = [[]]
     size = 0.0
-    for name, (mod, rule) in check_supported(model).items():
-        n = 0 if rule == "embedding" else N * itemsize * sum(p.numel() for p in mod.parameters(recurse=False))
+    for name, n in _module_bank_bytes(model, N).items():
         if groups[-1] and size + n > budget_bytes:
             groups.append([])
             size = 0.0
@@ -642,15 +651,13 @@ def _load_exact_run(cfg: AlignConfig) -> tuple[list[str], np.ndarray]:
 
 
 def _against_exact_run(run: str, theirs: list[str], gram: np.ndarray, al: Alignment, ids: list[str]) -> dict:
-    """The sketch's cosines against the exact run's on the pairs both ran."""
+    """The sketch's cosines against the exact run's on the pairs both ran (at least 2: run_align checks
+    before any work)."""
     mine = {pid: i for i, pid in enumerate(ids)}
     shared = [(mine[pid], j) for j, pid in enumerate(theirs) if pid in mine]
-    if len(shared) < 2:
-        raise GradscopeError(f"--exact-run {run}: fewer than 2 pairs in common with this run")
     a, b = (np.array(x) for x in zip(*shared))
-    n = np.sqrt(np.clip(np.diag(gram), 0, None))
-    exact = np.divide(gram, np.outer(n, n), out=np.zeros_like(gram), where=np.outer(n, n) > 0)[np.ix_(b, b)]
-    return {"run": str(run), "pairs_shared": len(shared), **_cosine_errors(al.cosine()[np.ix_(a, a)], exact)}
+    return {"run": str(run), "pairs_shared": len(shared),
+            **_cosine_errors(al.cosine()[np.ix_(a, a)], _cosine(gram)[np.ix_(b, b)])}
 
 
 def run_align(cfg: AlignConfig, log=print) -> dict:
@@ -672,8 +679,9 @@ def run_align(cfg: AlignConfig, log=print) -> dict:
     model = inputs.loaded.model
     how = dict(pad_id=pad, tile=cfg.tile, bank_gb=cfg.bank_gb, bank_dir=cfg.bank_dir, pack=cfg.pack,
                max_batch_tokens=cfg.max_batch_tokens)
-    method = "sketch" if cfg.sketch else (choose_method(model, len(enc), cfg.tile, cfg.bank_gb * 1e9)
-                                          if cfg.method == "auto" else cfg.method)
+    exact_method = (choose_method(model, len(enc), cfg.tile, cfg.bank_gb * 1e9) if cfg.method == "auto"
+                    else cfg.method)
+    method = "sketch" if cfg.sketch else exact_method  # what ran, for the log and align.json
     groups = len(bank_groups(model, len(enc), cfg.bank_gb * 1e9)) if method == "bank" else None
     need = bank_bytes(model, len(enc)) / 1e9
     log(f"align: {len(enc)} pairs, method {method}" + (f", a bank of {need:.1f} GB in {groups} group(s) of "
@@ -682,7 +690,7 @@ def run_align(cfg: AlignConfig, log=print) -> dict:
         log(f"align: each group runs every pair once; a bank on disk (--bank-dir DIR --bank-gb {need * 1.05:.0f}) "
             "would take one pass")
     al = compute_alignment(model, enc, sketch=cfg.sketch, seed=cfg.seed, progress=cfg.progress,
-                           method=cfg.method if cfg.sketch else method, **how)
+                           method=exact_method, **how)
     check = None
     ids = [e.pair.pair_id for e in enc]
     if cfg.sketch:  # the sketch against the exact K on the pairs of the first tile
