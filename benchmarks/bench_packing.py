@@ -8,13 +8,16 @@ commands do (``--batch-size``, ``--max-batch-tokens``), and times one pass over 
 - ``ghost``: the ghost engine (what ``gradscope correlate`` runs), and
 - ``train_step``: forward + backward of the batch-mean BT loss (what a training step runs),
 
-each unpacked and packed, in a fresh subprocess per (data set, what, layout) that times one pass and
-samples its peak resident memory above the model's. The wide decoder (random pairs whose first half is a shared
+each unpacked and packed. Per (data set, what, layout), one fresh subprocess times one pass and another
+samples that pass's peak resident memory above the model's. They are apart because the sampler (a
+thread reading ``/proc`` every 2 ms) slows what it watches, and unequally: on 64 hh-rlhf pairs it added
+18 s to the ghost engine's 85 s and 3 s to the training step's 83 s (2026-12-06), since the ghost
+engine runs more Python between its products and the sampler waits on the interpreter lock. The wide decoder (random pairs whose first half is a shared
 prompt) adds the ghost / training-step ratio where the layers are wide. Ratios: packed / unpacked
 for each, and ghost / train_step with both packed. Passes run in the order unpacked, packed,
 alternating, on an otherwise idle machine (run it alone: another job on the 2 cores changes the ratios).
 
-    python benchmarks/bench_packing.py                                  # about 30 min on 2 cores
+    python benchmarks/bench_packing.py                                  # about 50 min on 2 cores
     python benchmarks/bench_packing.py --pairs 8 --datasets hh --json out.json   # a quick look
 """
 
@@ -84,25 +87,22 @@ def one_pass(what: str, model, batches) -> None:
 
 
 def _child(args) -> None:
-    dataset, what, pack = args._child[0], args._child[1], args._child[2] == "packed"
+    dataset, what, pack, mode = args._child[0], args._child[1], args._child[2] == "packed", args._child[3]
     torch.set_num_threads(args.threads) if args.threads else None
     if dataset == "wide":
         model, batches, summary = wide_batches(pack)
     else:
         model, batches, summary = smollm2_batches(dataset, args.pairs, args.max_length, args.batch_size,
                                                   args.max_batch_tokens, pack)
-    # one cold pass, timed and sampled: its peak is the largest batch's (a warm-up would leave memory in the
-    # allocator, which the next pass reuses unseen); first-call costs are small against a pass of minutes
-    t = {}
-
-    def timed():
-        sync("cpu")
-        t0 = time.perf_counter()
-        one_pass(what, model, batches)
-        t["s"] = time.perf_counter() - t0
-
-    mem = peak_extra_mb(timed, "cpu")
-    print(json.dumps({"seconds": t["s"], "peak_mem_mb": mem, "batching": summary}))
+    # one cold pass, timed alone or sampled: its peak is the largest batch's (a warm-up would leave memory in
+    # the allocator, which the next pass reuses unseen); first-call costs are small against a pass of minutes
+    if mode == "memory":
+        print(json.dumps({"peak_mem_mb": peak_extra_mb(lambda: one_pass(what, model, batches), "cpu")}))
+        return
+    sync("cpu")
+    t0 = time.perf_counter()
+    one_pass(what, model, batches)
+    print(json.dumps({"seconds": time.perf_counter() - t0, "batching": summary}))
 
 
 def main() -> None:
@@ -114,7 +114,7 @@ def main() -> None:
     ap.add_argument("--max-batch-tokens", type=int, default=2048)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", help="write the rows to this file")
-    ap.add_argument("--_child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._child:
         return _child(args)
@@ -122,17 +122,19 @@ def main() -> None:
     for dataset in args.datasets:
         for what in WHATS:
             for layout in ("unpacked", "packed"):
-                cmd = [sys.executable, __file__, "--_child", dataset, what, layout, "--pairs", str(args.pairs),
-                       "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
-                       "--max-batch-tokens", str(args.max_batch_tokens)]
-                if args.threads:
-                    cmd += ["--threads", str(args.threads)]
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                if out.returncode != 0:
-                    raise SystemExit(f"{dataset} {what} {layout} failed:\n{out.stderr[-3000:]}")
-                rows.append({"dataset": dataset, "what": what, "layout": layout,
-                             **json.loads(out.stdout.strip().splitlines()[-1])})
-                print(json.dumps(rows[-1]), flush=True)
+                row = {"dataset": dataset, "what": what, "layout": layout}
+                for mode in ("time", "memory"):
+                    cmd = [sys.executable, __file__, "--_child", dataset, what, layout, mode, "--pairs",
+                           str(args.pairs), "--max-length", str(args.max_length), "--batch-size",
+                           str(args.batch_size), "--max-batch-tokens", str(args.max_batch_tokens)]
+                    if args.threads:
+                        cmd += ["--threads", str(args.threads)]
+                    out = subprocess.run(cmd, capture_output=True, text=True)
+                    if out.returncode != 0:
+                        raise SystemExit(f"{dataset} {what} {layout} ({mode}) failed:\n{out.stderr[-3000:]}")
+                    row.update(json.loads(out.stdout.strip().splitlines()[-1]))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     get = {(r["dataset"], r["what"], r["layout"]): r for r in rows}
     table = []
     for dataset in args.datasets:

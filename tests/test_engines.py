@@ -43,12 +43,33 @@ def test_fast_engines_equal_loop_float64(kind, padding, engine):
     assert (ref.sq_norms[3] == 0).all() and (fast.sq_norms[3] == 0).all()
 
 
+@pytest.fixture
+def two_threads():
+    """Two CPU threads, so that the ghost engine's products split an odd batch (``_bmm``) on any machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("b", [1, 2, 3, 5])
+def test_split_batched_product_equals_the_batched_product(b, two_threads):
+    from gradscope.gradients.ghost import _bmm
+
+    g = torch.Generator().manual_seed(b)
+    x, y = torch.randn(b, 7, 5, generator=g, dtype=torch.float64), torch.randn(b, 9, 5, generator=g, dtype=torch.float64)
+    out = _bmm(x, y.transpose(1, 2))
+    assert out.shape == (b, 7, 9) and out.dtype == torch.float64
+    torch.testing.assert_close(out, x @ y.transpose(1, 2), rtol=1e-14, atol=1e-14)
+
+
 @pytest.mark.parametrize("margin", [0.0, 1e9])
 @pytest.mark.parametrize("pack", [False, True])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_ghost_gram_form_and_instantiated_gradient_both_equal_loop_float64(kind, pack, margin, monkeypatch):
+def test_ghost_gram_form_and_instantiated_gradient_both_equal_loop_float64(kind, pack, margin, monkeypatch, two_threads):
     """Each linear layer's norm through the instantiated pair gradient (margin 0) and through the token
-    Gram form (margin 1e9), on two rows a pair and on packed rows, against the loop reference."""
+    Gram form (margin 1e9), on two rows a pair and on packed rows, against the loop reference (3 pairs on
+    2 threads: the products run split, see ``_bmm``)."""
     import gradscope.gradients.ghost as ghost
     from gradscope.data import EncodedPair, Pair, collate_batch
 
