@@ -16,7 +16,7 @@ layer of each kind summed (k, v and gate, up counted twice):
 - ``unsplit``: the rule's products with the batched product unsplit (``x @ y``: one matrix per CPU
   thread, so an odd batch idles a thread; ghost's ``_bmm`` splits it).
 
-    python benchmarks/bench_ghost_products.py            # about 3 min on 2 cores; run it alone
+    python benchmarks/bench_ghost_products.py            # under a minute on 2 cores; run it alone
 """
 
 from __future__ import annotations
