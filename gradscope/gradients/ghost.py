@@ -212,11 +212,10 @@ def _linear_sq(a: torch.Tensor, g: torch.Tensor, B: int, shared: int = 1, a_gram
             out[j] = _gram_sq(a[:B][j], a[B:][j], g[:B][j], g[B:][j], None if ka is None else [k[j] for k in ka])
     else:  # instantiate the (d_out × d_in) pair gradient: 2 L d_in d_out MACs per pair
         step = max(1, MAX_INSTANTIATE // (d_in * d_out))
-        aw, al, gw, gl = a[:B], a[B:], g[:B], g[B:]
+        ap, gp = _pairs(a, B), _pairs(g, B)  # both sides' tokens of each pair, (B, 2L, d): one product a pair
         for i in range(0, B, step):
             j = slice(i, i + step)
-            # both sides' tokens in one product: (b, d_out, 2L) @ (b, 2L, d_in)
-            w = _bmm(torch.cat([gw[j], gl[j]], 1).transpose(1, 2), torch.cat([aw[j], al[j]], 1))  # (b, d_out, d_in)
+            w = _bmm(gp[j].transpose(1, 2), ap[j])  # (b, d_out, d_in)
             out[j] = torch.linalg.vector_norm(w, dim=(1, 2)).double().pow(2)
     return out
 
