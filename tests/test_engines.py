@@ -88,6 +88,40 @@ def test_ghost_gram_form_and_instantiated_gradient_both_equal_loop_float64(kind,
     assert_norms_match(ref.sq_norms, fast.sq_norms, rtol=1e-6, names=ref.names)
 
 
+def test_gram_form_redoes_ill_conditioned_pairs_in_float64(monkeypatch):
+    """The float32 Gram form squares the cancellation between a pair's sides: a pair whose condition
+    exceeds GRAM_COND_MAX is recomputed in float64, the others keep float32's error (≤ eps × condition).
+    Three pairs of float32 inputs whose two sides cancel to 1e-4 (condition ~1e8), 1e-1 (~1e2) and
+    not at all, on two rows a pair and on one packed row, against the exact value of the same inputs."""
+    import gradscope.gradients.ghost as ghost
+
+    g = torch.Generator().manual_seed(0)
+    L, d_in, d_out, eps = 40, 16, 12, torch.finfo(torch.float32).eps
+    delta = torch.tensor([1e-4, 1e-1, 1.0])[:, None, None]
+    aw = torch.randn(3, L, d_in, generator=g)
+    gw = torch.randn(3, L, d_out, generator=g)
+    gl = (-gw * (1 - delta) + delta * torch.randn(3, L, d_out, generator=g)).float()
+    al = torch.where(delta < 1, aw, torch.randn(3, L, d_in, generator=g))
+    rows_a, rows_g = torch.cat([aw[:, :8], aw[:, 8:], al[:, 8:]], 1), torch.cat([gw[:, :8] + gl[:, :8], gw[:, 8:], gl[:, 8:]], 1)
+    segments = torch.tensor([1] * 8 + [2] * (L - 8) + [3] * (L - 8)).expand(3, -1)
+    regions = ghost._Rows(segments).regions
+
+    def exact(a, g):
+        return (g.double().transpose(1, 2) @ a.double()).pow(2).sum((1, 2))
+
+    cases = {"two rows": (lambda: ghost._gram_sq(aw, al, gw, gl), exact(torch.cat([aw, al], 1), torch.cat([gw, gl], 1))),
+             "packed": (lambda: ghost._gram_rows(rows_a, rows_g, regions), exact(rows_a, rows_g))}
+    for layout, (gram, want) in cases.items():
+        monkeypatch.setattr(ghost, "GRAM_COND_MAX", float("inf"))
+        raw = (gram() - want).abs() / want
+        assert raw[0] > 1e-2, layout  # float32 alone: the first pair's cancellation is really there
+        monkeypatch.undo()
+        err = (gram() - want).abs() / want
+        assert err[0] < 1e-6, (layout, err)  # redone in float64 (its own bound: 2e-16 × 4e8)
+        # the others in float32, within its bound
+        assert (err[1:] < ghost.GRAM_COND_MAX * eps).all() and (err[1:] > 0).any(), (layout, err)
+
+
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_identical_pairs_are_exactly_zero_in_float32(engine):
     model = tiny_reward_model("llama", torch.float32)

@@ -133,7 +133,14 @@ def _pair_sum_sq(x: torch.Tensor, B: int) -> torch.Tensor:
     return (s[:B] + s[B:]).pow(2).sum(-1)
 
 
-GRAM_COND_MAX = 30.0
+# A float32 Gram result is redone in float64 above this condition (see ``_gram_sq``): its error bound,
+# eps × condition = 6e-5 at 500, is then no larger than the error float32 has anyway in forming the
+# gradient itself (‖Gᵀ A‖² instantiated in float32, as autograd's weight gradient is, against float64 from
+# the same inputs: median 6e-5, max 2.3e-4, over the 410 (pair, layer) of 40 train-reasoning pairs with
+# SmolLM2, packed at 512 tokens, whose condition exceeded 30; the Gram form's own errors there: max 2.3e-5
+# below condition 100, 1.1e-4 below 1,000, 7.6e-4 above). At 30 (until 2026-12-06), the float64 redo
+# took 2.4 s of an 85 s ghost pass over 64 hh-rlhf pairs.
+GRAM_COND_MAX = 500.0
 # The Gram form is taken while its cost is below GRAM_MARGIN × the instantiated gradient's: multiply-adds,
 # and on packed rows GRAM_OVERHEAD more per token pair (the float64 region-block sums over each (L × L)
 # product). Fitted on this CPU (2026-12-06, SmolLM2's layer shapes, 128-700 tokens). On packed rows the
@@ -194,6 +201,18 @@ def _gram_sq(aw, al, gw, gl, ka=None) -> torch.Tensor:
     return total.clamp(min=0)  # exact value ≥ 0; rounding can dip below 0 for identical sides
 
 
+def _instantiated_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """(b, L, d_in) inputs and (b, L, d_out) output gradients -> (b,) ‖Gᵀ A‖², the (d_out × d_in)
+    gradients formed a chunk of pairs at a time."""
+    b, d_in, d_out = a.shape[0], a.shape[-1], g.shape[-1]
+    out = torch.empty(b, dtype=torch.float64, device=a.device)
+    step = max(1, MAX_INSTANTIATE // (d_in * d_out))
+    for i in range(0, b, step):
+        j = slice(i, i + step)
+        out[j] = torch.linalg.vector_norm(_bmm(g[j].transpose(1, 2), a[j]), dim=(1, 2)).double().pow(2)
+    return out
+
+
 def _linear_sq(a: torch.Tensor, g: torch.Tensor, B: int, shared: int = 1, a_grams=None) -> torch.Tensor:
     """a: (2B, L, d_in), g: (2B, L, d_out), rows [chosen; rejected] -> (B,) ‖Σ_t g_t a_tᵀ‖² over the
     tokens of both sides of each pair, in Gram form or by instantiating, whichever is cheaper. The
@@ -210,13 +229,8 @@ def _linear_sq(a: torch.Tensor, g: torch.Tensor, B: int, shared: int = 1, a_gram
         for i in range(0, B, step):
             j = slice(i, i + step)
             out[j] = _gram_sq(a[:B][j], a[B:][j], g[:B][j], g[B:][j], None if ka is None else [k[j] for k in ka])
-    else:  # instantiate the (d_out × d_in) pair gradient: 2 L d_in d_out MACs per pair
-        step = max(1, MAX_INSTANTIATE // (d_in * d_out))
-        ap, gp = _pairs(a, B), _pairs(g, B)  # both sides' tokens of each pair, (B, 2L, d): one product a pair
-        for i in range(0, B, step):
-            j = slice(i, i + step)
-            w = _bmm(gp[j].transpose(1, 2), ap[j])  # (b, d_out, d_in)
-            out[j] = torch.linalg.vector_norm(w, dim=(1, 2)).double().pow(2)
+    else:  # instantiate the (d_out × d_in) pair gradient: 2 L d_in d_out MACs per pair, one product
+        out = _instantiated_sq(_pairs(a, B), _pairs(g, B))  # over both sides' tokens, (B, 2L, d)
     return out
 
 
@@ -293,16 +307,14 @@ class _Rows:
         same margin as ``_linear_sq``."""
         B, L, d_in = a.shape
         d_out = g.shape[-1]
+        if L * (d_in / shared + d_out + GRAM_OVERHEAD) >= GRAM_MARGIN * d_in * d_out:
+            return _instantiated_sq(a, g)
         out = torch.empty(B, dtype=torch.float64, device=a.device)
-        gram = L * (d_in / shared + d_out + GRAM_OVERHEAD) < GRAM_MARGIN * d_in * d_out
-        ka = a_grams() if gram and a_grams is not None else None
-        step = max(1, MAX_INSTANTIATE // max(1, L * L if gram else d_in * d_out))
+        ka = a_grams() if a_grams is not None else None
+        step = max(1, MAX_INSTANTIATE // max(1, L * L))
         for i in range(0, B, step):
             j = slice(i, i + step)
-            if gram:
-                out[j] = _gram_rows(a[j], g[j], self.regions[j], None if ka is None else ka[j])
-            else:
-                out[j] = torch.linalg.vector_norm(_bmm(g[j].transpose(1, 2), a[j]), dim=(1, 2)).double().pow(2)
+            out[j] = _gram_rows(a[j], g[j], self.regions[j], None if ka is None else ka[j])
         return out
 
 
