@@ -141,6 +141,28 @@ def test_left_and_right_padding_give_the_same_numbers(kind):
     assert_norms_match(left.sq_norms, right.sq_norms, rtol=1e-8, names=right.names)
 
 
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_padding_gets_exactly_zero_output_gradient(kind, padding):
+    """The ghost engine multiplies no mask into the output gradients: it rests on this (nothing real reads
+    a padded position's output), which must hold exactly, in float32, at every layer."""
+    from gradscope.gradients.ghost import ghost_engine
+
+    model = tiny_reward_model(kind, torch.float32)
+    ids, mask = random_pairs(4, 10, seed=6)
+    if padding == "left":
+        ids, mask = to_left_padding(ids, mask)
+    kept = []
+    ghost_engine(model, ids, mask, keep=kept)
+    rows = torch.cat([mask[:, 0], mask[:, 1]])  # [chosen; rejected]
+    assert (rows == 0).any()
+    token_layers = [(name, g) for name, _, _, x, g in kept if g.dim() == 3 and g.shape[1] == rows.shape[1]]
+    assert len(token_layers) > 10
+    for name, g in token_layers:
+        assert (g[rows == 0] == 0).all(), name
+        assert (g[rows == 1] != 0).any(), name
+
+
 def test_padding_never_reaches_the_reward():
     model = tiny_reward_model("llama", torch.float64)
     ids, mask = random_pairs(3, 8, seed=3)

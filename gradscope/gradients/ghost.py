@@ -172,6 +172,21 @@ def _bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _trimmed_grams(x: torch.Tensor, spans=None) -> torch.Tensor:
+    """(b, L, d) -> (b, L, L) each row's token Gram x xᵀ. Given ``spans`` (each row's (start, end) of
+    real tokens, when a batch has padding), each row's product runs over its own tokens alone, the
+    rest of its Gram 0 (padding carries no output gradient, so its entries of the Gram product are 0
+    either way): length-sorted batches still pad their shorter rows, and a Gram costs L², so on hh-rlhf's
+    packed batches a quarter of the batched product's work was padding (measured on 2 threads,
+    2026-12-06: 8 rows of 138-188 tokens, d = 1536: 5.8 ms batched, 4.3 ms row by row)."""
+    if spans is None:
+        return _bmm(x, x.transpose(1, 2))
+    out = x.new_zeros(x.shape[0], x.shape[1], x.shape[1])
+    for i, (s, e) in enumerate(spans):
+        torch.mm(x[i, s:e], x[i, s:e].T, out=out[i, s:e, s:e])
+    return out
+
+
 def _side_grams(xw: torch.Tensor, xl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(b, L, d) of each side -> the token Gram blocks (w·w, l·l, w·l), each (b, L, L)."""
     return _bmm(xw, xw.transpose(1, 2)), _bmm(xl, xl.transpose(1, 2)), _bmm(xw, xl.transpose(1, 2))
@@ -201,9 +216,13 @@ def _gram_sq(aw, al, gw, gl, ka=None) -> torch.Tensor:
     return total.clamp(min=0)  # exact value ≥ 0; rounding can dip below 0 for identical sides
 
 
-def _instantiated_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _instantiated_sq(a: torch.Tensor, g: torch.Tensor, spans=None) -> torch.Tensor:
     """(b, L, d_in) inputs and (b, L, d_out) output gradients -> (b,) ‖Gᵀ A‖², the (d_out × d_in)
-    gradients formed a chunk of pairs at a time."""
+    gradients formed a chunk of pairs at a time, or given ``spans`` (each row's (start, end) of real
+    tokens), one pair at a time over its own tokens (see :func:`_trimmed_grams`)."""
+    if spans is not None:
+        norms = [torch.linalg.vector_norm(g[i, s:e].T @ a[i, s:e]) for i, (s, e) in enumerate(spans)]
+        return torch.stack(norms).double().pow(2)
     b, d_in, d_out = a.shape[0], a.shape[-1], g.shape[-1]
     out = torch.empty(b, dtype=torch.float64, device=a.device)
     step = max(1, MAX_INSTANTIATE // (d_in * d_out))
@@ -246,16 +265,16 @@ def _embedding_sq(ids: torch.Tensor, g: torch.Tensor, vocab: int) -> torch.Tenso
     return out.index_add_(0, torch.div(uniq, vocab, rounding_mode="floor"), rows.pow(2).sum(1))
 
 
-def _gram_rows(a, g, regions, ka=None) -> torch.Tensor:
+def _gram_rows(a, g, regions, ka=None, spans=None) -> torch.Tensor:
     """Packed rows: (b, L, d) inputs and output gradients, one pair per row -> (b,) ‖Σ_t g_t a_tᵀ‖²
     (``ka``: the inputs' token Gram, when another layer reading the same input already formed it).
 
     As for two sides (``_gram_sq``), the rounding error is about eps × the sum of the absolute
     region-block sums of the token Gram product (regions: prompt, chosen rest, rejected rest; the
     diagonal blocks are squared norms, ≥ 0); a pair whose condition exceeds ``GRAM_COND_MAX`` is
-    recomputed in float64. regions: (b, L, 3) one-hot, float64."""
-    ka = _bmm(a, a.transpose(1, 2)) if ka is None else ka
-    prod = (ka * _bmm(g, g.transpose(1, 2))).double()  # (b, L, L)
+    recomputed in float64. regions: (b, L, 3) one-hot, float64; spans: see :func:`_trimmed_grams`."""
+    ka = _trimmed_grams(a, spans) if ka is None else ka
+    prod = (ka * _trimmed_grams(g, spans)).double()  # (b, L, L)
     blocks = regions.transpose(1, 2) @ prod @ regions  # (b, 3, 3)
     total = blocks.sum((1, 2))
     if a.dtype != torch.float64:
@@ -291,6 +310,13 @@ class _Rows:
 
     def __init__(self, segments: torch.Tensor):
         self.regions = torch.nn.functional.one_hot((segments - 1).clamp(min=0), 3).double()  # (B, L, 3)
+        # each row's real tokens, (start, end), where the batch has padding and they are contiguous (as
+        # :func:`gradscope.packing.pack` lays them out): the per-pair products then skip the padding
+        real = (segments > 0).cpu()
+        n, start = real.sum(1), real.int().argmax(1)
+        contiguous = all(bool(r[s:s + k].all()) for r, s, k in zip(real, start.tolist(), n.tolist()))
+        self.spans = ([(s, s + k) for s, k in zip(start.tolist(), n.tolist())]
+                      if contiguous and not bool(real.all()) else None)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -299,7 +325,7 @@ class _Rows:
         return x.sum(1, dtype=torch.float64).pow(2).sum(-1)
 
     def input_grams(self, a: torch.Tensor):
-        return _bmm(a, a.transpose(1, 2))
+        return _trimmed_grams(a, self.spans)
 
     def linear_sq(self, a: torch.Tensor, g: torch.Tensor, shared: int = 1, a_grams=None) -> torch.Tensor:
         """Gram form (L² (d_in / shared + d_out) MACs per pair, the input's Gram shared as in
@@ -308,13 +334,14 @@ class _Rows:
         B, L, d_in = a.shape
         d_out = g.shape[-1]
         if L * (d_in / shared + d_out + GRAM_OVERHEAD) >= GRAM_MARGIN * d_in * d_out:
-            return _instantiated_sq(a, g)
+            return _instantiated_sq(a, g, self.spans)
         out = torch.empty(B, dtype=torch.float64, device=a.device)
         ka = a_grams() if a_grams is not None else None
         step = max(1, MAX_INSTANTIATE // max(1, L * L))
         for i in range(0, B, step):
             j = slice(i, i + step)
-            out[j] = _gram_rows(a[j], g[j], self.regions[j], None if ka is None else ka[j])
+            out[j] = _gram_rows(a[j], g[j], self.regions[j], None if ka is None else ka[j],
+                                None if self.spans is None else self.spans[j])
         return out
 
 
@@ -332,7 +359,6 @@ class _Recorder:
         self.keep = keep
         self.col = {n: i for i, n in enumerate(names)}
         self.sq = torch.zeros(B, len(names), dtype=torch.float64, device=mask.device)
-        self.mask = mask  # (rows, T) token mask; the head sees one pooled "token" per row
         self.calls: dict[str, int] = {}
         # ``only``: record these modules alone, and start the graph at them (see ghost_engine)
         self.only = only
@@ -400,8 +426,11 @@ class _Recorder:
                 if self.keep is not None:
                     self.keep(name, mod, rule, x, g)
                 return None
-            if x.dim() > 2:  # (rows, T, d) token positions: padding carries no gradient
-                xs, gs, lay = x, g * self.mask[..., None].to(g.dtype), self.token_layout
+            # token positions (rows, T, d): a padded position's output gradient is exactly 0 (no real
+            # token reads it: attention gives its key exactly 0 weight, pooling reads real tokens), so
+            # its terms vanish as in autograd's weight gradient; no mask multiply is needed
+            if x.dim() > 2:
+                xs, gs, lay = x, g, self.token_layout
             else:  # the head: one pooled state per side, (2B, 1, H)
                 xs, gs, lay = x[:, None], g[:, None], self.pooled_layout
             if self.keep is not None:
