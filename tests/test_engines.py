@@ -142,19 +142,28 @@ def test_left_and_right_padding_give_the_same_numbers(kind):
 
 
 @pytest.mark.parametrize("padding", ["right", "left"])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + ["llama-packed", "gpt2-packed"])
 def test_padding_gets_exactly_zero_output_gradient(kind, padding):
     """The ghost engine multiplies no mask into the output gradients: it rests on this (nothing real reads
-    a padded position's output), which must hold exactly, in float32, at every layer."""
+    a padded position's output), which must hold exactly, in float32, at every layer, on two rows a
+    pair and on packed rows."""
     from gradscope.gradients.ghost import ghost_engine
+    from gradscope.packing import pack
 
-    model = tiny_reward_model(kind, torch.float32)
+    model = tiny_reward_model(kind.split("-")[0], torch.float32)
     ids, mask = random_pairs(4, 10, seed=6)
-    if padding == "left":
-        ids, mask = to_left_padding(ids, mask)
-    kept = []
-    ghost_engine(model, ids, mask, keep=kept)
-    rows = torch.cat([mask[:, 0], mask[:, 1]])  # [chosen; rejected]
+    if kind.endswith("packed"):
+        sides = [[tuple(t for t, m in zip(ids[b, s].tolist(), mask[b, s].tolist()) if m) for s in (0, 1)] for b in range(4)]
+        batch = pack([(c, c[:2] + r) for c, r in sides], padding_side=padding)  # a shared prefix of 2 tokens
+        kept = []
+        ghost_engine(model, batch.input_ids, batch.attention_mask, segments=batch.segments, keep=kept)
+        rows = batch.attention_mask
+    else:
+        if padding == "left":
+            ids, mask = to_left_padding(ids, mask)
+        kept = []
+        ghost_engine(model, ids, mask, keep=kept)
+        rows = torch.cat([mask[:, 0], mask[:, 1]])  # [chosen; rejected]
     assert (rows == 0).any()
     token_layers = [(name, g) for name, _, _, x, g in kept if g.dim() == 3 and g.shape[1] == rows.shape[1]]
     assert len(token_layers) > 10
