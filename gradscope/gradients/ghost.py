@@ -138,8 +138,8 @@ def _pair_sum_sq(x: torch.Tensor, B: int) -> torch.Tensor:
 # gradient itself (‖Gᵀ A‖² instantiated in float32, as autograd's weight gradient is, against float64 from
 # the same inputs: median 6e-5, max 2.3e-4, over the 410 (pair, layer) of 40 train-reasoning pairs with
 # SmolLM2, packed at 512 tokens, whose condition exceeded 30; the Gram form's own errors there: max 2.3e-5
-# below condition 100, 1.1e-4 below 1,000, 7.6e-4 above). At 30 (until 2026-12-06), the float64 redo
-# took 2.4 s of an 85 s ghost pass over 64 hh-rlhf pairs.
+# below condition 100, 1.1e-4 below 1,000, 7.6e-4 above; ``benchmarks/ghost_gram_accuracy.py``). At 30
+# (until 2026-12-06), the float64 redo took 2.4 s of an 85 s ghost pass over 64 hh-rlhf pairs.
 GRAM_COND_MAX = 500.0
 # The Gram form is taken while its cost is below GRAM_MARGIN × the instantiated gradient's: multiply-adds,
 # and on packed rows GRAM_OVERHEAD more per token pair (the float64 region-block sums over each (L × L)
