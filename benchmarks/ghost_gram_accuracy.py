@@ -54,13 +54,13 @@ def record_into(rows: list):
             if w > 0:
                 rows.append((cond[i].item(), abs(gram[i].item() - w) / w, abs(inst[i].item() - w) / w))
 
-    def rows_fn(a, g, regions, ka=None, spans=None):
+    def rows_fn(a, g, regions, ka=None, spans=None, scratch=None):
         ka_ = ghost._trimmed_grams(a, spans) if ka is None else ka
         prod = (ka_ * ghost._trimmed_grams(g, spans)).double()
         blocks = regions.transpose(1, 2) @ prod @ regions
         total = blocks.sum((1, 2))
         add(blocks.abs().sum((1, 2)) / total.clamp(min=1e-300), total, a, g)
-        return gram_rows(a, g, regions, ka, spans)
+        return gram_rows(a, g, regions, ka, spans, scratch)
 
     def sq_fn(aw, al, gw, gl, ka=None):
         ww, ll, wl = ghost._gram_blocks(ghost._side_grams(aw, al), ghost._side_grams(gw, gl))
