@@ -48,7 +48,7 @@ def record_into(rows: list):
 
     def add(cond, gram, a, g):
         want = exact_sq(a, g)
-        inst = torch.stack([torch.linalg.vector_norm(gi.T @ ai) for ai, gi in zip(a, g)]).double().pow(2)
+        inst = ghost._instantiated_sq(a, g)
         for i in (cond > 30).nonzero().flatten().tolist():
             w = want[i].item()
             if w > 0:

@@ -46,6 +46,7 @@ that gradient exists.
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 
 import torch
@@ -182,9 +183,7 @@ class _Scratch:
         self.buffers: dict[str, torch.Tensor] = {}
 
     def get(self, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
-        n = 1
-        for k in shape:
-            n *= k
+        n = math.prod(shape)
         buf = self.buffers.get(name)
         if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
             buf = self.buffers[name] = torch.empty(n, dtype=like.dtype, device=like.device)
