@@ -62,11 +62,11 @@ def record_into(rows: list):
         add(blocks.abs().sum((1, 2)) / total.clamp(min=1e-300), total, a, g)
         return gram_rows(a, g, regions, ka, spans, scratch)
 
-    def sq_fn(aw, al, gw, gl, ka=None):
-        ww, ll, wl = ghost._gram_blocks(ghost._side_grams(aw, al), ghost._side_grams(gw, gl))
+    def sq_fn(aw, al, gw, gl, ka=None, sw=None, sl=None):
+        ww, ll, wl = ghost._gram_blocks(ghost._side_grams(aw, al, sw, sl), ghost._side_grams(gw, gl, sw, sl))
         total = ww + ll + 2 * wl
         add((ww + ll + 2 * wl.abs()) / total.clamp(min=1e-300), total, torch.cat([aw, al], 1), torch.cat([gw, gl], 1))
-        return gram_sq(aw, al, gw, gl, ka)
+        return gram_sq(aw, al, gw, gl, ka, sw, sl)
 
     ghost._gram_rows, ghost._gram_sq = rows_fn, sq_fn
 

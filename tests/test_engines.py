@@ -63,13 +63,25 @@ def test_split_batched_product_equals_the_batched_product(b, two_threads):
     torch.testing.assert_close(out, x @ y.transpose(1, 2), rtol=1e-14, atol=1e-14)
 
 
+def test_real_spans_are_each_rows_contiguous_real_tokens():
+    from gradscope.gradients.ghost import _real_spans
+
+    real = torch.tensor([[1, 1, 0, 0], [0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    assert _real_spans(real) == [(0, 2), (1, 4), (0, 4)]
+    assert _real_spans(torch.ones(2, 3, dtype=torch.bool)) is None  # no padding: the batched products
+    assert _real_spans(torch.tensor([[1, 0, 1], [1, 1, 0]], dtype=torch.bool)) is None  # a gap: not a span
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
 @pytest.mark.parametrize("margin", [0.0, 1e9])
 @pytest.mark.parametrize("pack", [False, True])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_ghost_gram_form_and_instantiated_gradient_both_equal_loop_float64(kind, pack, margin, monkeypatch, two_threads):
+def test_ghost_gram_form_and_instantiated_gradient_both_equal_loop_float64(kind, pack, margin, padding, monkeypatch,
+                                                                            two_threads):
     """Each linear layer's norm through the instantiated pair gradient (margin 0) and through the token
-    Gram form (margin 1e9), on two rows a pair and on packed rows, against the loop reference (3 pairs on
-    2 threads: the products run split, see ``_bmm``)."""
+    Gram form (margin 1e9), on two rows a pair and on packed rows, left and right padding (each pair's
+    products run over its own tokens), against the loop reference (3 pairs on 2 threads: the products
+    run split, see ``_bmm``)."""
     import gradscope.gradients.ghost as ghost
     from gradscope.data import EncodedPair, Pair, collate_batch
 
@@ -81,8 +93,8 @@ def test_ghost_gram_form_and_instantiated_gradient_both_equal_loop_float64(kind,
         prompt = torch.randint(1, 60, (n,), generator=g).tolist()
         enc.append(EncodedPair(Pair("p", (), (), "", "all"), tuple(prompt + torch.randint(1, 60, (5,), generator=g).tolist()),
                                tuple(prompt + torch.randint(1, 60, (3,), generator=g).tolist()), False))
-    batch = collate_batch(enc, pack=pack)
-    assert batch.packed == pack
+    batch = collate_batch(enc, pack=pack, padding_side=padding)
+    assert batch.packed == pack and (batch.attention_mask == 0).any()
     ref = ENGINES["loop"](model, *collate_batch(enc).engine_args().values())
     fast = ENGINES["ghost"](model, **batch.engine_args())
     assert_norms_match(ref.sq_norms, fast.sq_norms, rtol=1e-6, names=ref.names)

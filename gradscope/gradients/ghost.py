@@ -205,24 +205,35 @@ def _trimmed_grams(x: torch.Tensor, spans=None, out: torch.Tensor | None = None)
     return out
 
 
-def _side_grams(xw: torch.Tensor, xl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(b, L, d) of each side -> the token Gram blocks (w·w, l·l, w·l), each (b, L, L)."""
-    return _bmm(xw, xw.transpose(1, 2)), _bmm(xl, xl.transpose(1, 2)), _bmm(xw, xl.transpose(1, 2))
+def _side_grams(xw: torch.Tensor, xl: torch.Tensor, sw=None, sl=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(b, L, d) of each side -> the token Gram blocks (w·w, l·l, w·l), each (b, L, L). Given each side's
+    spans (``sw``, ``sl``: (start, end) of each row's real tokens), each pair's blocks are formed over its
+    own tokens alone, the rest 0, as in :func:`_trimmed_grams`."""
+    if sw is None:
+        return _bmm(xw, xw.transpose(1, 2)), _bmm(xl, xl.transpose(1, 2)), _bmm(xw, xl.transpose(1, 2))
+    ww, ll, wl = (xw.new_zeros(xw.shape[0], xw.shape[1], xl.shape[1]) for _ in range(3))
+    for i, ((s, e), (s2, e2)) in enumerate(zip(sw, sl)):
+        w, r = xw[i, s:e], xl[i, s2:e2]
+        torch.mm(w, w.T, out=ww[i, s:e, s:e])
+        torch.mm(r, r.T, out=ll[i, s2:e2, s2:e2])
+        torch.mm(w, r.T, out=wl[i, s:e, s2:e2])
+    return ww, ll, wl
 
 
 def _gram_blocks(ka, kg) -> tuple[torch.Tensor, ...]:
     return tuple((x * y).sum((1, 2), dtype=torch.float64) for x, y in zip(ka, kg))
 
 
-def _gram_sq(aw, al, gw, gl, ka=None) -> torch.Tensor:
+def _gram_sq(aw, al, gw, gl, ka=None, sw=None, sl=None) -> torch.Tensor:
     """(b, L, d) inputs and output gradients of each side -> (b,) ‖∇W‖² of each pair (``ka``: the
-    inputs' Gram blocks, when another layer reading the same input already formed them).
+    inputs' Gram blocks, when another layer reading the same input already formed them; ``sw``, ``sl``:
+    each side's spans of real tokens, see :func:`_side_grams`).
 
     ww = ‖∇_w‖² and ll = ‖∇_l‖² are sums of squares; the cross term 2 wl cancels them where the two
     sides' gradients agree, so the rounding error of the result is about eps × (ww + ll + 2|wl|):
     the cancellation is squared, unlike the loop's eps × ‖∇_w‖ ‖∇_w - ∇_l‖. A pair whose
     condition (ww + ll + 2|wl|) / result exceeds ``GRAM_COND_MAX`` is recomputed in float64."""
-    ww, ll, wl = _gram_blocks(ka if ka is not None else _side_grams(aw, al), _side_grams(gw, gl))
+    ww, ll, wl = _gram_blocks(ka if ka is not None else _side_grams(aw, al, sw, sl), _side_grams(gw, gl, sw, sl))
     total = ww + ll + 2 * wl
     if aw.dtype != torch.float64:
         cond = (ww + ll + 2 * wl.abs()) / total.clamp(min=torch.finfo(torch.float64).tiny)
@@ -251,11 +262,14 @@ def _instantiated_sq(a: torch.Tensor, g: torch.Tensor, spans=None, scratch: _Scr
     return out
 
 
-def _linear_sq(a: torch.Tensor, g: torch.Tensor, B: int, shared: int = 1, a_grams=None) -> torch.Tensor:
+def _linear_sq(a: torch.Tensor, g: torch.Tensor, B: int, shared: int = 1, a_grams=None, spans=None,
+               scratch: _Scratch | None = None) -> torch.Tensor:
     """a: (2B, L, d_in), g: (2B, L, d_out), rows [chosen; rejected] -> (B,) ‖Σ_t g_t a_tᵀ‖² over the
     tokens of both sides of each pair, in Gram form or by instantiating, whichever is cheaper. The
     input's Gram blocks are shared by the ``shared`` layers that read the same input (``a_grams()``
-    forms them once), so each pays 1/shared of them."""
+    forms them once), so each pays 1/shared of them. ``spans``: each of the 2B rows' (start, end) of
+    real tokens, where the batch has padding: each pair's products then run over its own tokens."""
+    sw, sl = (None, None) if spans is None else (spans[:B], spans[B:])
     L, d_in = a.shape[1], a.shape[2]
     d_out = g.shape[-1]
     out = torch.empty(B, dtype=torch.float64, device=a.device)
@@ -266,9 +280,15 @@ def _linear_sq(a: torch.Tensor, g: torch.Tensor, B: int, shared: int = 1, a_gram
         step = max(1, MAX_INSTANTIATE // max(1, L * L))
         for i in range(0, B, step):
             j = slice(i, i + step)
-            out[j] = _gram_sq(a[:B][j], a[B:][j], g[:B][j], g[B:][j], None if ka is None else [k[j] for k in ka])
-    else:  # instantiate the (d_out × d_in) pair gradient: 2 L d_in d_out MACs per pair, one product
-        out = _instantiated_sq(_pairs(a, B), _pairs(g, B))  # over both sides' tokens, (B, 2L, d)
+            out[j] = _gram_sq(a[:B][j], a[B:][j], g[:B][j], g[B:][j], None if ka is None else [k[j] for k in ka],
+                              None if sw is None else sw[j], None if sl is None else sl[j])
+    elif spans is None:  # instantiate the (d_out × d_in) pair gradient: 2 L d_in d_out MACs per pair
+        out = _instantiated_sq(_pairs(a, B), _pairs(g, B))  # one product over both sides' tokens, (B, 2L, d)
+    else:  # the same, one pair at a time: its chosen side's product, then its rejected side's added in
+        w = None if scratch is None else scratch.get("w", (g.shape[-1], d_in), a)
+        for i, ((s, e), (s2, e2)) in enumerate(zip(sw, sl)):
+            w = torch.mm(g[i, s:e].T, a[i, s:e], out=w)
+            out[i] = torch.linalg.vector_norm(w.addmm_(g[B + i, s2:e2].T, a[B + i, s2:e2])).double().pow(2)
     return out
 
 
@@ -308,11 +328,25 @@ def _gram_rows(a, g, regions, ka=None, spans=None, scratch: _Scratch | None = No
     return total.clamp(min=0)
 
 
-class _Sides:
-    """Token tensors laid out [chosen; rejected] (2B rows): pair b is rows b and B + b."""
+def _real_spans(real: torch.Tensor) -> list[tuple[int, int]] | None:
+    """real: (rows, L) bool -> each row's (start, end) of real tokens, where the batch has padding and
+    every row's real tokens are contiguous (left or right padding, and packed rows as
+    :func:`gradscope.packing.pack` lays them out), else None: the per-pair products then skip the padding."""
+    real = real.cpu()
+    n, start = real.sum(1).tolist(), real.int().argmax(1).tolist()
+    if bool(real.all()) or not all(bool(r[s:s + k].all()) for r, s, k in zip(real, start, n)):
+        return None
+    return [(s, s + k) for s, k in zip(start, n)]
 
-    def __init__(self, B: int):
+
+class _Sides:
+    """Token tensors laid out [chosen; rejected] (2B rows): pair b is rows b and B + b. Given the rows'
+    attention mask, each pair's products run over its real tokens alone (:func:`_real_spans`)."""
+
+    def __init__(self, B: int, mask: torch.Tensor | None = None):
         self.B = B
+        self.spans = None if mask is None else _real_spans(mask > 0)
+        self.scratch = _Scratch()
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         return _pairs(x, self.B)
@@ -321,10 +355,11 @@ class _Sides:
         return _pair_sum_sq(x, self.B)
 
     def input_grams(self, a: torch.Tensor):
-        return _side_grams(a[:self.B], a[self.B:])
+        sw, sl = (None, None) if self.spans is None else (self.spans[:self.B], self.spans[self.B:])
+        return _side_grams(a[:self.B], a[self.B:], sw, sl)
 
     def linear_sq(self, a: torch.Tensor, g: torch.Tensor, shared: int = 1, a_grams=None) -> torch.Tensor:
-        return _linear_sq(a, g, self.B, shared, a_grams)
+        return _linear_sq(a, g, self.B, shared, a_grams, self.spans, self.scratch)
 
 
 class _Rows:
@@ -332,13 +367,7 @@ class _Rows:
 
     def __init__(self, segments: torch.Tensor):
         self.regions = torch.nn.functional.one_hot((segments - 1).clamp(min=0), 3).double()  # (B, L, 3)
-        # each row's real tokens, (start, end), where the batch has padding and they are contiguous (as
-        # :func:`gradscope.packing.pack` lays them out): the per-pair products then skip the padding
-        real = (segments > 0).cpu()
-        n, start = real.sum(1), real.int().argmax(1)
-        contiguous = all(bool(r[s:s + k].all()) for r, s, k in zip(real, start.tolist(), n.tolist()))
-        self.spans = ([(s, s + k) for s, k in zip(start.tolist(), n.tolist())]
-                      if contiguous and not bool(real.all()) else None)
+        self.spans = _real_spans(segments > 0)
         self.scratch = _Scratch()
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
@@ -375,7 +404,7 @@ class _Recorder:
                  keep=None, segments: torch.Tensor | None = None, only: set[str] | None = None):
         # the token tensors' layout (two rows per pair, or one packed row); the head's pooled input is
         # always [chosen; rejected]
-        self.token_layout = _Sides(B) if segments is None else _Rows(segments)
+        self.token_layout = _Sides(B, mask) if segments is None else _Rows(segments)
         self.pooled_layout = _Sides(B)
         # ``keep(name, module, rule, input, output gradient)`` sees every module's tensors as soon as its
         # gradient exists: weighted_grads keeps them all, the alignment Gram reduces them there
