@@ -54,19 +54,19 @@ def record_into(rows: list):
             if w > 0:
                 rows.append((cond[i].item(), abs(gram[i].item() - w) / w, abs(inst[i].item() - w) / w))
 
-    def rows_fn(a, g, regions, ka=None, spans=None, scratch=None):
+    def rows_fn(a, g, regions, ka=None, spans=None, scratch=None, shared=1, grams=None):
         ka_ = ghost._trimmed_grams(a, spans) if ka is None else ka
         prod = (ka_ * ghost._trimmed_grams(g, spans)).double()
         blocks = regions.transpose(1, 2) @ prod @ regions
         total = blocks.sum((1, 2))
         add(blocks.abs().sum((1, 2)) / total.clamp(min=1e-300), total, a, g)
-        return gram_rows(a, g, regions, ka, spans, scratch)
+        return gram_rows(a, g, regions, ka, spans, scratch, shared, grams)
 
-    def sq_fn(aw, al, gw, gl, ka=None, sw=None, sl=None):
+    def sq_fn(aw, al, gw, gl, ka=None, sw=None, sl=None, shared=1, grams=None):
         ww, ll, wl = ghost._gram_blocks(ghost._side_grams(aw, al, sw, sl), ghost._side_grams(gw, gl, sw, sl))
         total = ww + ll + 2 * wl
         add((ww + ll + 2 * wl.abs()) / total.clamp(min=1e-300), total, torch.cat([aw, al], 1), torch.cat([gw, gl], 1))
-        return gram_sq(aw, al, gw, gl, ka, sw, sl)
+        return gram_sq(aw, al, gw, gl, ka, sw, sl, shared, grams)
 
     ghost._gram_rows, ghost._gram_sq = rows_fn, sq_fn
 

@@ -134,6 +134,71 @@ def test_gram_form_redoes_ill_conditioned_pairs_in_float64(monkeypatch):
         assert (err[1:] < ghost.GRAM_COND_MAX * eps).all() and (err[1:] > 0).any(), (layout, err)
 
 
+def test_exact_redo_takes_either_form_and_reuses_the_inputs_float64_gram(monkeypatch):
+    """_exact_sq: ‖gᵀ a‖² of one pair's float32 tokens in float64, by the Gram form or by instantiating
+    (the cheaper by the margin rule), against the float64 gradient; the input's float64 Gram is stored
+    under its key and read back by the next layer reading the same input."""
+    import gradscope.gradients.ghost as ghost
+
+    g = torch.Generator().manual_seed(1)
+    a, ga, gb = (torch.randn(7, d, generator=g) for d in (16, 12, 5))
+    want = {name: (y.double().T @ a.double()).square().sum() for name, y in (("a", ga), ("b", gb))}
+    for margin in (0.0, 1e9):  # instantiate always, Gram form always
+        monkeypatch.setattr(ghost, "GRAM_MARGIN", margin)
+        grams = {}
+        got_a = ghost._exact_sq(a, ga, shared=2, grams=grams, key="x")
+        assert len(grams) == (1 if margin else 0)
+        got_b = ghost._exact_sq(a, gb, shared=2, grams=grams, key="x")
+        assert got_a.dtype == got_b.dtype == torch.float64
+        torch.testing.assert_close(got_a, want["a"], rtol=1e-13, atol=0)
+        torch.testing.assert_close(got_b, want["b"], rtol=1e-13, atol=0)
+    grams["x"] = torch.zeros(7, 7, dtype=torch.float64)  # a stored Gram is what the next reader uses
+    assert ghost._exact_sq(a, gb, shared=2, grams=grams, key="x") == 0
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("margin", [0.0, 1e9])
+@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_ghost_with_every_pair_redone_in_float64_equals_loop_float32(kind, pack, margin, padding, monkeypatch):
+    """The float64 redo through the whole engine: every Gram-form result redone (GRAM_COND_MAX < 0), over
+    each pair's own tokens, its input Gram shared by the layers reading one input (Llama's q, k, v and
+    gate, up), in the Gram form (margin 1e9) or instantiated (margin 0), against the loop engine on the
+    same float32 model (its own rounding: float32's)."""
+    import gradscope.gradients.ghost as ghost
+    from gradscope.data import EncodedPair, Pair, collate_batch
+
+    monkeypatch.setattr(ghost, "GRAM_MARGIN", 1e9)  # the float32 Gram form everywhere, so all is redone
+    monkeypatch.setattr(ghost, "GRAM_COND_MAX", -1.0)
+    calls = []
+    exact_sq = ghost._exact_sq
+
+    def counted(a, g, shared=1, grams=None, key=None):
+        ghost.GRAM_MARGIN = margin  # the redo's own form
+        try:
+            calls.append((shared, grams is not None and key in grams))
+            return exact_sq(a, g, shared, grams, key)
+        finally:
+            ghost.GRAM_MARGIN = 1e9
+
+    monkeypatch.setattr(ghost, "_exact_sq", counted)
+    model = tiny_reward_model(kind, torch.float32)
+    g = torch.Generator().manual_seed(4)
+    enc = []
+    for n in (6, 9, 4):
+        prompt = torch.randint(1, 60, (n,), generator=g).tolist()
+        enc.append(EncodedPair(Pair("p", (), (), "", "all"), tuple(prompt + torch.randint(1, 60, (5,), generator=g).tolist()),
+                               tuple(prompt + torch.randint(1, 60, (3,), generator=g).tolist()), False))
+    batch = collate_batch(enc, pack=pack, padding_side=padding)
+    assert (batch.attention_mask == 0).any()
+    ref = ENGINES["loop"](model, *collate_batch(enc).engine_args().values())
+    fast = ENGINES["ghost"](model, **batch.engine_args())
+    assert calls  # the redo ran
+    if kind == "llama" and margin:
+        assert any(hit for _, hit in calls)  # and the readers of one input shared its float64 Gram
+    assert_norms_match(ref.sq_norms, fast.sq_norms, rtol=1e-4, names=ref.names)
+
+
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_identical_pairs_are_exactly_zero_in_float32(engine):
     model = tiny_reward_model("llama", torch.float32)

@@ -224,7 +224,26 @@ def _gram_blocks(ka, kg) -> tuple[torch.Tensor, ...]:
     return tuple((x * y).sum((1, 2), dtype=torch.float64) for x, y in zip(ka, kg))
 
 
-def _gram_sq(aw, al, gw, gl, ka=None, sw=None, sl=None) -> torch.Tensor:
+def _exact_sq(a: torch.Tensor, g: torch.Tensor, shared: int = 1, grams: dict | None = None, key=None) -> torch.Tensor:
+    """One pair's real tokens, a: (n, d_in), g: (n, d_out) -> ‖gᵀ a‖² in float64 (0-dim): the redo of an
+    ill-conditioned float32 Gram result. In the Gram form (its error eps64 × condition) or by
+    instantiating the float64 gradient, whichever is cheaper by the rule of :func:`_linear_sq`; the input's
+    float64 Gram is kept in ``grams`` under ``key`` for the other of the ``shared`` layers that read the
+    same input (a pair ill-conditioned at q is mostly so at k and v too)."""
+    n, d_in, d_out = a.shape[0], a.shape[1], g.shape[1]
+    if n * (d_in / shared + d_out) >= GRAM_MARGIN * d_in * d_out:
+        return (g.T.double() @ a.double()).square().sum()
+    ka = None if grams is None else grams.get(key)
+    if ka is None:
+        a64 = a.double()
+        ka = a64 @ a64.T
+        if grams is not None:
+            grams[key] = ka
+    g64 = g.double()
+    return (ka * (g64 @ g64.T)).sum()
+
+
+def _gram_sq(aw, al, gw, gl, ka=None, sw=None, sl=None, shared: int = 1, grams: dict | None = None) -> torch.Tensor:
     """(b, L, d) inputs and output gradients of each side -> (b,) ‖∇W‖² of each pair (``ka``: the
     inputs' Gram blocks, when another layer reading the same input already formed them; ``sw``, ``sl``:
     each side's spans of real tokens, see :func:`_side_grams`).
@@ -232,16 +251,16 @@ def _gram_sq(aw, al, gw, gl, ka=None, sw=None, sl=None) -> torch.Tensor:
     ww = ‖∇_w‖² and ll = ‖∇_l‖² are sums of squares; the cross term 2 wl cancels them where the two
     sides' gradients agree, so the rounding error of the result is about eps × (ww + ll + 2|wl|):
     the cancellation is squared, unlike the loop's eps × ‖∇_w‖ ‖∇_w - ∇_l‖. A pair whose
-    condition (ww + ll + 2|wl|) / result exceeds ``GRAM_COND_MAX`` is recomputed in float64."""
+    condition (ww + ll + 2|wl|) / result exceeds ``GRAM_COND_MAX`` is recomputed in float64 over its own
+    tokens (:func:`_exact_sq`; ``shared`` and ``grams`` as there)."""
     ww, ll, wl = _gram_blocks(ka if ka is not None else _side_grams(aw, al, sw, sl), _side_grams(gw, gl, sw, sl))
     total = ww + ll + 2 * wl
     if aw.dtype != torch.float64:
         cond = (ww + ll + 2 * wl.abs()) / total.clamp(min=torch.finfo(torch.float64).tiny)
-        redo = (cond > GRAM_COND_MAX).nonzero().flatten()
-        if len(redo):
-            a64 = _side_grams(aw[redo].double(), al[redo].double())
-            ww, ll, wl = _gram_blocks(a64, _side_grams(gw[redo].double(), gl[redo].double()))
-            total[redo] = ww + ll + 2 * wl
+        for i in (cond > GRAM_COND_MAX).nonzero().flatten().tolist():
+            (s, e), (s2, e2) = (sw[i], sl[i]) if sw is not None else ((0, aw.shape[1]), (0, al.shape[1]))
+            total[i] = _exact_sq(torch.cat([aw[i, s:e], al[i, s2:e2]]), torch.cat([gw[i, s:e], gl[i, s2:e2]]),
+                                 shared, grams, (aw[i].data_ptr(), al[i].data_ptr(), s, e, s2, e2))
     return total.clamp(min=0)  # exact value ≥ 0; rounding can dip below 0 for identical sides
 
 
@@ -263,12 +282,13 @@ def _instantiated_sq(a: torch.Tensor, g: torch.Tensor, spans=None, scratch: _Scr
 
 
 def _linear_sq(a: torch.Tensor, g: torch.Tensor, B: int, shared: int = 1, a_grams=None, spans=None,
-               scratch: _Scratch | None = None) -> torch.Tensor:
+               scratch: _Scratch | None = None, grams: dict | None = None) -> torch.Tensor:
     """a: (2B, L, d_in), g: (2B, L, d_out), rows [chosen; rejected] -> (B,) ‖Σ_t g_t a_tᵀ‖² over the
     tokens of both sides of each pair, in Gram form or by instantiating, whichever is cheaper. The
     input's Gram blocks are shared by the ``shared`` layers that read the same input (``a_grams()``
     forms them once), so each pays 1/shared of them. ``spans``: each of the 2B rows' (start, end) of
-    real tokens, where the batch has padding: each pair's products then run over its own tokens."""
+    real tokens, where the batch has padding: each pair's products then run over its own tokens.
+    ``grams``: the float64 input Grams of the pairs redone (:func:`_exact_sq`), shared with the other readers."""
     sw, sl = (None, None) if spans is None else (spans[:B], spans[B:])
     L, d_in = a.shape[1], a.shape[2]
     d_out = g.shape[-1]
@@ -281,7 +301,7 @@ def _linear_sq(a: torch.Tensor, g: torch.Tensor, B: int, shared: int = 1, a_gram
         for i in range(0, B, step):
             j = slice(i, i + step)
             out[j] = _gram_sq(a[:B][j], a[B:][j], g[:B][j], g[B:][j], None if ka is None else [k[j] for k in ka],
-                              None if sw is None else sw[j], None if sl is None else sl[j])
+                              None if sw is None else sw[j], None if sl is None else sl[j], shared, grams)
     elif spans is None:  # instantiate the (d_out × d_in) pair gradient: 2 L d_in d_out MACs per pair
         out = _instantiated_sq(_pairs(a, B), _pairs(g, B))  # one product over both sides' tokens, (B, 2L, d)
     else:  # the same, one pair at a time: its chosen side's product, then its rejected side's added in
@@ -304,14 +324,16 @@ def _embedding_sq(ids: torch.Tensor, g: torch.Tensor, vocab: int) -> torch.Tenso
     return out.index_add_(0, torch.div(uniq, vocab, rounding_mode="floor"), rows.pow(2).sum(1))
 
 
-def _gram_rows(a, g, regions, ka=None, spans=None, scratch: _Scratch | None = None) -> torch.Tensor:
+def _gram_rows(a, g, regions, ka=None, spans=None, scratch: _Scratch | None = None, shared: int = 1,
+               grams: dict | None = None) -> torch.Tensor:
     """Packed rows: (b, L, d) inputs and output gradients, one pair per row -> (b,) ‖Σ_t g_t a_tᵀ‖²
     (``ka``: the inputs' token Gram, when another layer reading the same input already formed it).
 
     As for two sides (``_gram_sq``), the rounding error is about eps × the sum of the absolute
     region-block sums of the token Gram product (regions: prompt, chosen rest, rejected rest; the
     diagonal blocks are squared norms, ≥ 0); a pair whose condition exceeds ``GRAM_COND_MAX`` is
-    recomputed in float64. regions: (b, L, 3) one-hot, float64; spans: see :func:`_trimmed_grams`."""
+    recomputed in float64 over its own tokens (:func:`_exact_sq`, ``shared`` and ``grams`` as there).
+    regions: (b, L, 3) one-hot, float64; spans: see :func:`_trimmed_grams`."""
     ka = _trimmed_grams(a, spans) if ka is None else ka
     b, L = g.shape[:2]
     kg = _trimmed_grams(g, spans, None if scratch is None or spans is None else scratch.get("kg", (b, L, L), g))
@@ -321,10 +343,9 @@ def _gram_rows(a, g, regions, ka=None, spans=None, scratch: _Scratch | None = No
     total = blocks.sum((1, 2))
     if a.dtype != torch.float64:
         cond = blocks.abs().sum((1, 2)) / total.clamp(min=torch.finfo(torch.float64).tiny)
-        redo = (cond > GRAM_COND_MAX).nonzero().flatten()
-        if len(redo):
-            a64, g64 = a[redo].double(), g[redo].double()
-            total[redo] = ((a64 @ a64.transpose(1, 2)) * (g64 @ g64.transpose(1, 2))).sum((1, 2))
+        for i in (cond > GRAM_COND_MAX).nonzero().flatten().tolist():
+            s, e = spans[i] if spans is not None else (0, L)
+            total[i] = _exact_sq(a[i, s:e], g[i, s:e], shared, grams, (a[i].data_ptr(), s, e))
     return total.clamp(min=0)
 
 
@@ -358,8 +379,8 @@ class _Sides:
         sw, sl = (None, None) if self.spans is None else (self.spans[:self.B], self.spans[self.B:])
         return _side_grams(a[:self.B], a[self.B:], sw, sl)
 
-    def linear_sq(self, a: torch.Tensor, g: torch.Tensor, shared: int = 1, a_grams=None) -> torch.Tensor:
-        return _linear_sq(a, g, self.B, shared, a_grams, self.spans, self.scratch)
+    def linear_sq(self, a: torch.Tensor, g: torch.Tensor, shared: int = 1, a_grams=None, grams=None) -> torch.Tensor:
+        return _linear_sq(a, g, self.B, shared, a_grams, self.spans, self.scratch, grams)
 
 
 class _Rows:
@@ -379,7 +400,7 @@ class _Rows:
     def input_grams(self, a: torch.Tensor):
         return _trimmed_grams(a, self.spans)
 
-    def linear_sq(self, a: torch.Tensor, g: torch.Tensor, shared: int = 1, a_grams=None) -> torch.Tensor:
+    def linear_sq(self, a: torch.Tensor, g: torch.Tensor, shared: int = 1, a_grams=None, grams=None) -> torch.Tensor:
         """Gram form (L² (d_in / shared + d_out) MACs per pair, the input's Gram shared as in
         ``_linear_sq``) or the instantiated gradient (L d_in d_out), whichever is cheaper, with the
         same margin as ``_linear_sq``."""
@@ -393,7 +414,7 @@ class _Rows:
         for i in range(0, B, step):
             j = slice(i, i + step)
             out[j] = _gram_rows(a[j], g[j], self.regions[j], None if ka is None else ka[j],
-                                None if self.spans is None else self.spans[j], self.scratch)
+                                None if self.spans is None else self.spans[j], self.scratch, shared, grams)
         return out
 
 
@@ -423,6 +444,7 @@ class _Recorder:
         self.readers: dict[tuple, int] = {}
         self.unread: dict[tuple, int] = {}
         self.input_grams: dict[tuple, object] = {}
+        self.exact_grams: dict[tuple, dict] = {}  # and the float64 Grams of the pairs its readers redid
 
     def close(self):
         for h in self.handles:
@@ -466,6 +488,7 @@ class _Recorder:
         self.unread[key] -= 1
         if self.unread[key] == 0:
             self.input_grams.pop(key, None)
+            self.exact_grams.pop(key, None)
 
     def _grad_hook(self, name: str, mod: nn.Module, rule: str, x: torch.Tensor, key: tuple | None = None):
         def on_grad(g: torch.Tensor):
@@ -492,7 +515,8 @@ class _Recorder:
                     self._add(name, "weight", lay.linear_sq(xs, gs))
                 else:
                     shared = self.readers[key]  # each reader pays its share of the input's Gram
-                    self._add(name, "weight", lay.linear_sq(xs, gs, shared, self._shared_grams(key, lay, xs)))
+                    self._add(name, "weight", lay.linear_sq(xs, gs, shared, self._shared_grams(key, lay, xs),
+                                                            self.exact_grams.setdefault(key, {})))
                     self._read(key)
                 if getattr(mod, "bias", None) is not None:
                     self._add(name, "bias", lay.sum_sq(gs))
