@@ -19,6 +19,7 @@ adds the ghost / training-step ratio where the layers are wide. Ratios: packed /
 and ghost / train_step with both packed. Run it alone: another job on the 2 cores changes the ratios.
 
     python benchmarks/bench_packing.py                                  # about 50 min on 2 cores
+    python benchmarks/bench_packing.py --repeats 3                      # about 80 min
     python benchmarks/bench_packing.py --datasets hh --repeats 3        # about 35 min
     python benchmarks/bench_packing.py --pairs 8 --datasets hh --json out.json   # a quick look
 """
@@ -68,11 +69,14 @@ def wide_batches(pack: bool):
     from gradscope.packing import Collated, pack as pack_rows
 
     model, ids, mask = build_case("wide")
-    batch = Collated(ids, mask)
+    batch, summary = Collated(ids, mask), {"pairs": len(ids)}
     if pack:
         sides = [tuple(int(t) for t, m in zip(ids[b, s], mask[b, s]) if m) for b in range(len(ids)) for s in (0, 1)]
         batch = pack_rows([(sides[2 * b], sides[2 * b + 1]) for b in range(len(ids))])
-    return model, [batch], {"pairs": len(ids)}
+        # as batching_summary says it for real pairs: every pair packs (half of each side is the prompt)
+        summary.update(packed_pairs=len(ids), tokens_unpacked=sum(map(len, sides)),
+                       tokens_run=int(batch.attention_mask.sum()))
+    return model, [batch], summary
 
 
 def one_pass(what: str, model, batches) -> None:
