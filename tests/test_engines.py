@@ -72,6 +72,19 @@ def test_real_spans_are_each_rows_contiguous_real_tokens():
     assert _real_spans(torch.tensor([[1, 0, 1], [1, 1, 0]], dtype=torch.bool)) is None  # a gap: not a span
 
 
+def prompt_pairs(seed: int) -> list:
+    """Three encoded pairs that share prompts of 6, 9 and 4 tokens, responses of 5 and 3 tokens."""
+    from gradscope.data import EncodedPair, Pair
+
+    g = torch.Generator().manual_seed(seed)
+    enc = []
+    for n in (6, 9, 4):
+        prompt = torch.randint(1, 60, (n,), generator=g).tolist()
+        enc.append(EncodedPair(Pair("p", (), (), "", "all"), tuple(prompt + torch.randint(1, 60, (5,), generator=g).tolist()),
+                               tuple(prompt + torch.randint(1, 60, (3,), generator=g).tolist()), False))
+    return enc
+
+
 @pytest.mark.parametrize("padding", ["right", "left"])
 @pytest.mark.parametrize("margin", [0.0, 1e9])
 @pytest.mark.parametrize("pack", [False, True])
@@ -83,16 +96,11 @@ def test_ghost_gram_form_and_instantiated_gradient_both_equal_loop_float64(kind,
     products run over its own tokens), against the loop reference (3 pairs on 2 threads: the products
     run split, see ``_bmm``)."""
     import gradscope.gradients.ghost as ghost
-    from gradscope.data import EncodedPair, Pair, collate_batch
+    from gradscope.data import collate_batch
 
     monkeypatch.setattr(ghost, "GRAM_MARGIN", margin)
     model = tiny_reward_model(kind, torch.float64)
-    g = torch.Generator().manual_seed(3)
-    enc = []
-    for n in (6, 9, 4):
-        prompt = torch.randint(1, 60, (n,), generator=g).tolist()
-        enc.append(EncodedPair(Pair("p", (), (), "", "all"), tuple(prompt + torch.randint(1, 60, (5,), generator=g).tolist()),
-                               tuple(prompt + torch.randint(1, 60, (3,), generator=g).tolist()), False))
+    enc = prompt_pairs(seed=3)
     batch = collate_batch(enc, pack=pack, padding_side=padding)
     assert batch.packed == pack and (batch.attention_mask == 0).any()
     ref = ENGINES["loop"](model, *collate_batch(enc).engine_args().values())
@@ -166,7 +174,7 @@ def test_ghost_with_every_pair_redone_in_float64_equals_loop_float32(kind, pack,
     gate, up), in the Gram form (margin 1e9) or instantiated (margin 0), against the loop engine on the
     same float32 model (its own rounding: float32's)."""
     import gradscope.gradients.ghost as ghost
-    from gradscope.data import EncodedPair, Pair, collate_batch
+    from gradscope.data import collate_batch
 
     monkeypatch.setattr(ghost, "GRAM_MARGIN", 1e9)  # the float32 Gram form everywhere, so all is redone
     monkeypatch.setattr(ghost, "GRAM_COND_MAX", -1.0)
@@ -183,12 +191,7 @@ def test_ghost_with_every_pair_redone_in_float64_equals_loop_float32(kind, pack,
 
     monkeypatch.setattr(ghost, "_exact_sq", counted)
     model = tiny_reward_model(kind, torch.float32)
-    g = torch.Generator().manual_seed(4)
-    enc = []
-    for n in (6, 9, 4):
-        prompt = torch.randint(1, 60, (n,), generator=g).tolist()
-        enc.append(EncodedPair(Pair("p", (), (), "", "all"), tuple(prompt + torch.randint(1, 60, (5,), generator=g).tolist()),
-                               tuple(prompt + torch.randint(1, 60, (3,), generator=g).tolist()), False))
+    enc = prompt_pairs(seed=4)
     batch = collate_batch(enc, pack=pack, padding_side=padding)
     assert (batch.attention_mask == 0).any()
     ref = ENGINES["loop"](model, *collate_batch(enc).engine_args().values())
