@@ -305,7 +305,7 @@ def _linear_sq(a: torch.Tensor, g: torch.Tensor, B: int, shared: int = 1, a_gram
     elif spans is None:  # instantiate the (d_out × d_in) pair gradient: 2 L d_in d_out MACs per pair
         out = _instantiated_sq(_pairs(a, B), _pairs(g, B))  # one product over both sides' tokens, (B, 2L, d)
     else:  # the same, one pair at a time: its chosen side's product, then its rejected side's added in
-        w = None if scratch is None else scratch.get("w", (g.shape[-1], d_in), a)
+        w = None if scratch is None else scratch.get("w", (d_out, d_in), a)
         for i, ((s, e), (s2, e2)) in enumerate(zip(sw, sl)):
             w = torch.mm(g[i, s:e].T, a[i, s:e], out=w)
             out[i] = torch.linalg.vector_norm(w.addmm_(g[B + i, s2:e2].T, a[B + i, s2:e2])).double().pow(2)
