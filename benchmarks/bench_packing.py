@@ -157,7 +157,7 @@ def main() -> None:
     table = []
     for dataset in args.datasets:
         b = get[(dataset, "ghost", "packed")]["batching"]
-        saved = f"{b['packed_pairs']}/{args.pairs}, {b['tokens_run'] / b['tokens_unpacked']:.2f}" if "packed_pairs" in b else "-"
+        saved = f"{b['packed_pairs']}/{b.get('pairs', args.pairs)}, {b['tokens_run'] / b['tokens_unpacked']:.2f}" if "packed_pairs" in b else "-"
         cells = [dataset, saved]
         for what in WHATS:
             u, p = get[(dataset, what, "unpacked")], get[(dataset, what, "packed")]
