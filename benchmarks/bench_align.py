@@ -6,7 +6,9 @@ pack, as align's bank runs them), then the exact alignment by each ``--methods``
 batch once per group of parameters, their per-pair gradients held in ``--bank-gb``; ``tiles``: each
 pair of tiles in one pass, about N / tile times the ghost pass's work) and, with ``--sketch``, the
 sketched one (each batch once). Each measurement runs in a fresh process; its peak resident memory
-is sampled every 2 ms (CUDA: max allocated).
+is the kernel's count, reset just before it (CUDA: max allocated; ``bench_engines.peak_extra_mb``).
+Until 2026-12-07 it was sampled every 2 ms by a thread beside the timed run, which slowed the ghost
+pass more than a training step (+18 s on 85 s against +3 s, on 64 hh-rlhf pairs).
 
     python benchmarks/bench_align.py --tile 4 --bank-dir /var/tmp --bank-gb 60   # SmolLM2, 256 tokens, N = 64 and 256
     python benchmarks/bench_align.py --n 32 --methods bank tiles --sketch 1024 --json out.json

@@ -8,18 +8,20 @@ commands do (``--batch-size``, ``--max-batch-tokens``), and times one pass over 
 - ``ghost``: the ghost engine (what ``gradscope correlate`` runs), and
 - ``train_step``: forward + backward of the batch-mean BT loss (what a training step runs),
 
-each unpacked and packed. Per (data set, what, layout), one fresh subprocess times one pass and another
-samples that pass's peak resident memory above the model's. They are apart because the sampler (a
-thread reading ``/proc`` every 2 ms) slowed what it watched, and unequally: on 64 hh-rlhf pairs it added
-18 s to the ghost engine's cold pass of 85 s and 3 s to the training step's 83 s (2026-12-06; the cause
-was not pinned down). ``--repeats N`` times each pass N times, each in a fresh process, the order
-reversed every other repeat, and reports the fastest (this machine's noise only adds time) with the
-largest slowest / fastest ratio. The wide decoder (random pairs whose first half is a shared prompt)
-adds the ghost / training-step ratio where the layers are wide. Ratios: packed / unpacked for each,
-and ghost / train_step with both packed. Run it alone: another job on the 2 cores changes the ratios.
+each unpacked and packed. Per (data set, what, layout), one fresh subprocess times one pass and reads
+its peak resident memory above the model's from the kernel (the peak reset just before the pass, so
+nothing runs beside it). Where the peak cannot be reset (no ``/proc/self/clear_refs``), another
+subprocess samples it, apart from the timed one: the sampler (a thread reading ``/proc`` every 2 ms)
+slowed what it watched, and unequally: on 64 hh-rlhf pairs it added 18 s to the ghost engine's cold
+pass of 85 s and 3 s to the training step's 83 s (2026-12-06). ``--repeats N`` times each pass N
+times, each in a fresh process, the order reversed every other repeat, and reports the fastest (this
+machine's noise only adds time) with the largest slowest / fastest ratio, and the largest peak. The
+wide decoder (random pairs whose first half is a shared prompt) adds the ghost / training-step ratio
+where the layers are wide. Ratios: packed / unpacked for each, and ghost / train_step with both
+packed. Run it alone: another job on the 2 cores changes the ratios.
 
-    python benchmarks/bench_packing.py                                  # about 50 min on 2 cores
-    python benchmarks/bench_packing.py --repeats 3                      # about 80 min
+    python benchmarks/bench_packing.py                                  # about 25 min on 2 cores
+    python benchmarks/bench_packing.py --repeats 3                      # about 60 min
     python benchmarks/bench_packing.py --datasets hh --repeats 3        # about 35 min
     python benchmarks/bench_packing.py --pairs 8 --datasets hh --json out.json   # a quick look
 """
@@ -39,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engines import peak_extra_mb, report, sync  # noqa: E402
+from bench_engines import reset_peak_rss, peak_extra_mb, peak_rss_mb, report, rss_mb, sync  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 DATASETS = {"hh": ("train-hh-rlhf.jsonl", "first"), "rb": ("rewardbench-v1.jsonl", "stratified")}
@@ -100,15 +102,21 @@ def _child(args) -> None:
     else:
         model, batches, summary = smollm2_batches(dataset, args.pairs, args.max_length, args.batch_size,
                                                   args.max_batch_tokens, pack)
-    # one cold pass, timed alone or sampled: its peak is the largest batch's (a warm-up would leave memory in
-    # the allocator, which the next pass reuses unseen); first-call costs are small against a pass of minutes
-    if mode == "memory":
+    # one cold pass: its peak is the largest batch's (a warm-up would leave memory in the allocator, which
+    # the next pass reuses unseen); first-call costs are small against a pass of minutes
+    if mode == "memory":  # only where the kernel's peak cannot be reset: sampled, so not timed
         print(json.dumps({"peak_mem_mb": peak_extra_mb(lambda: one_pass(what, model, batches), "cpu")}))
         return
     sync("cpu")
+    out = {"batching": summary}
+    if exact_peak := reset_peak_rss():
+        base = rss_mb()
     t0 = time.perf_counter()
     one_pass(what, model, batches)
-    print(json.dumps({"seconds": time.perf_counter() - t0, "batching": summary}))
+    out["seconds"] = time.perf_counter() - t0
+    if exact_peak:
+        out["peak_mem_mb"] = peak_rss_mb() - base
+    print(json.dumps(out))
 
 
 def main() -> None:
@@ -149,8 +157,10 @@ def main() -> None:
         for c in configs:
             seconds = [r["seconds"] for r in runs[c]]
             # the fastest pass: the machine's noise only ever adds time
+            peaks = [r["peak_mem_mb"] for r in runs[c] if "peak_mem_mb" in r]
             row = {"dataset": dataset, "what": c[0], "layout": c[1], "seconds": min(seconds), "seconds_each": seconds,
-                   "batching": runs[c][0]["batching"], **child(dataset, *c, "memory")}
+                   "batching": runs[c][0]["batching"],
+                   **({"peak_mem_mb": max(peaks), "peak_mem_mb_each": peaks} if peaks else child(dataset, *c, "memory"))}
             rows.append(row)
             print(json.dumps(row), flush=True)
     get = {(r["dataset"], r["what"], r["layout"]): r for r in rows}

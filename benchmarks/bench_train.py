@@ -5,8 +5,9 @@ and each loss, one training step is forward + loss + backward (+ ``zero_grad``) 
 pairs: BT and NormBT through autograd, ``normbt_exact`` through ``gradscope.train.exact_backward``
 (the ghost engine's one backward, then the weighted gradient assembled from what it kept). Time:
 the median over interleaved rounds (the order rotates; only ratios from one run mean anything on
-these machines). Memory: in a fresh process per (case, loss), the peak resident memory sampled
-every 2 ms during one step, minus the memory just before it (CUDA: max allocated).
+these machines). Memory: in a fresh process per (case, loss), the peak resident memory during
+one step (the kernel's count; ``bench_engines.peak_extra_mb``), minus the memory just before it
+(CUDA: max allocated).
 
     python benchmarks/bench_train.py                          # MiniLM, SmolLM2, the wide decoder
     python benchmarks/bench_train.py --cases smollm2 --rounds 10 --json out.json

@@ -1,0 +1,39 @@
+"""The benchmarks' own measuring tools: a wrong peak would make every memory table wrong."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from bench_engines import peak_extra_mb, reset_peak_rss  # noqa: E402
+
+
+def _touch(mb: int) -> None:
+    x = torch.ones(mb * 2**20 // 4)  # every page written, then freed (a large block goes back to the system)
+    del x
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_peak_extra_mb_reads_the_peak_of_the_call_alone():
+    assert reset_peak_rss()
+    _touch(400)  # an earlier, larger peak of the same process must not show
+    peak = peak_extra_mb(lambda: _touch(100), "cpu")
+    assert 95 <= peak <= 150, peak
+    assert peak_extra_mb(lambda: None, "cpu") < 20
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "wait4"), reason="needs os.wait4")
+def test_wait_peak_mb_is_the_childs_exact_peak():
+    """A peak that lasts a moment (sampling every 0.2 s, as the memory benchmarks did, can miss it)."""
+    import subprocess
+
+    from bench_memory_flat import wait_peak_mb
+
+    code = "import numpy as np; x = np.ones(300 * 2**20 // 8); del x; print('done')"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.read().strip() == "done"
+    peak = wait_peak_mb(proc)
+    assert proc.returncode == 0
+    assert 300 <= peak <= 400, peak
