@@ -80,7 +80,7 @@ def max_batch_tokens_opt(default: int | None = None):
     """The batching budget of the commands that run batches of pairs (help written once)."""
     return opt(default, "Padded tokens per batch at most (pairs × 2 sides × longest side; packed pairs: pairs × the "
                "longest packed row): long pairs go in smaller batches, a pair over the budget alone; results do not "
-               "depend on it. Memory grows with it (attention keeps heads × T × T per row).")
+               "depend on it. Memory grows with it, about in proportion.")
 
 
 def pack_opt():
