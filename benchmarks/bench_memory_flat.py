@@ -5,8 +5,8 @@ correlate batches pairs by length, and with mixed lengths the activation memory 
 batches would hide or mimic a leak) to a temporary JSONL file, runs `gradscope correlate` on it in
 a subprocess, and samples the subprocess's resident memory every 0.2 s together with the number of
 pairs already on disk (from the part files). Prints the peak resident memory within each tenth of
-the run (flat rows mean memory does not grow with the number of pairs), and the whole run's exact
-peak as the kernel counted it. The first tenth includes
+the run (flat rows mean memory does not grow with the number of pairs), and the whole run's peak
+from the kernel's high-water mark (:func:`poll_peak_mb`). The first tenth includes
 model loading; the last, the final merge of the part files and the figure.
 
     python benchmarks/bench_memory_flat.py                         # 10,000 pairs on MiniLM
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -42,12 +41,31 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def wait_peak_mb(proc: subprocess.Popen) -> float:
-    """Wait for ``proc`` (its output already read) and return its peak resident memory in MB, as the
-    kernel counted it (``ru_maxrss``: exact, where sampling ``VmRSS`` can miss a short peak)."""
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return usage.ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
+def hwm_mb(pid: int) -> float:
+    """The process's own peak resident memory so far (``VmHWM``: the kernel's high-water mark), in MB."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0.0
+
+
+def poll_peak_mb(proc: subprocess.Popen, every: float = 0.2, on_sample=None) -> float:
+    """Wait for ``proc`` and return its peak resident memory in MB: its high-water mark (``VmHWM``), read
+    every ``every`` seconds, so exact but for its last ``every`` seconds, where sampling the resident
+    memory itself misses any peak between samples. (Not the ``ru_maxrss`` that ``os.wait4`` reports: a
+    child spawned from this process carries this process's own peak in it.) ``on_sample(rss_mb)`` sees
+    each sample of the resident memory."""
+    peak = 0.0
+    while proc.poll() is None:
+        peak = max(peak, hwm_mb(proc.pid))
+        if on_sample is not None:
+            on_sample(rss_mb(proc.pid))
+        time.sleep(every)
+    return peak
 
 
 def pairs_done(partial: Path) -> int:
@@ -84,15 +102,16 @@ def main() -> None:
         t0 = time.time()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         samples = []  # (seconds, pairs done, rss MB)
-        last_count_t, done = 0.0, 0
-        while proc.poll() is None:
+        count = {"t": 0.0, "done": 0}
+
+        def sample(rss: float) -> None:
             now = time.time() - t0
-            if now - last_count_t > 5:
-                done, last_count_t = pairs_done(out / ".partial"), now
-            samples.append((now, done, rss_mb(proc.pid)))
-            time.sleep(0.2)
+            if now - count["t"] > 5:
+                count["done"], count["t"] = pairs_done(out / ".partial"), now
+            samples.append((now, count["done"], rss))
+
+        peak = poll_peak_mb(proc, on_sample=sample)
         log = proc.stdout.read()
-        peak = wait_peak_mb(proc)
         if proc.returncode != 0:
             raise SystemExit(f"correlate failed:\n{log}")
     df = pd.DataFrame(samples, columns=["seconds", "pairs_done", "rss_mb"])

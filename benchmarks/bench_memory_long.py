@@ -5,9 +5,9 @@ it, is between ``--min-tokens`` and ``--max-length`` tokens, writes them to a te
 and runs the default correlate on them (SmolLM2, engine auto = ghost, max length 1,024) once per
 ``--budgets`` value (``none``: batches of ``--batch-size`` pairs only; a number: ``--max-batch-tokens``),
 with packed pairs and without (``--pack both``, the default: before and after packing), each in a
-subprocess. Prints its peak resident memory as the kernel counted it (``ru_maxrss``: exact; until
-2026-12-07 sampled every 0.2 s, which can miss a short peak), the time and the batches chosen per
-run. Memory does not depend on other jobs sharing the CPU; time does.
+subprocess. Prints its peak resident memory, from the kernel's high-water mark read every 0.2 s
+(``VmHWM``: exact but for the run's last 0.2 s; until 2026-12-07 the resident memory itself sampled
+every 0.2 s, which can miss a short peak), the time and the batches chosen per run. Memory does not depend on other jobs sharing the CPU; time does.
 
     python benchmarks/bench_memory_long.py                               # 16 pairs, budget 2048, unpacked and packed
     python benchmarks/bench_memory_long.py --budgets none 8192 4096 2048 --pack on --json out.json
@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engines import report  # noqa: E402
-from bench_memory_flat import wait_peak_mb  # noqa: E402
+from bench_memory_flat import poll_peak_mb  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "rewardbench-v1.jsonl"
 
@@ -78,8 +78,8 @@ def main() -> None:
                 cmd += ["--max-batch-tokens", budget]
             t0 = time.time()
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            peak = poll_peak_mb(proc)
             log = proc.stdout.read()
-            peak = wait_peak_mb(proc)
             if proc.returncode != 0:
                 raise SystemExit(f"correlate failed:\n{log}")
             summary = json.loads((out / "summary.json").read_text())
