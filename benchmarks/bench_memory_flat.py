@@ -30,27 +30,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gradscope.data import demo_path  # noqa: E402
 
 
-def rss_mb(pid: int) -> float:
+def _status_mb(pid: int, field: str) -> float:
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except FileNotFoundError:
-        pass
-    return 0.0
-
-
-def hwm_mb(pid: int) -> float:
-    """The process's own peak resident memory so far (``VmHWM``: the kernel's high-water mark), in MB."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except (FileNotFoundError, ProcessLookupError):
         pass
     return 0.0
+
+
+def rss_mb(pid: int) -> float:
+    """The process's resident memory now, in MB."""
+    return _status_mb(pid, "VmRSS")
+
+
+def hwm_mb(pid: int) -> float:
+    """The process's own peak resident memory so far (``VmHWM``: the kernel's high-water mark), in MB."""
+    return _status_mb(pid, "VmHWM")
 
 
 def poll_peak_mb(proc: subprocess.Popen, every: float = 0.2, on_sample=None) -> float:

@@ -7,7 +7,7 @@ pair whose first half is a shared prompt and whose two responses have a quarter 
 before the pass; ``bench_engines.peak_extra_mb``).
 
     python benchmarks/bench_memory_rows.py                                  # 256, 512, 1024 tokens, one row
-    python benchmarks/bench_memory_rows.py --what ghost train --lengths 512 --rows 2
+    python benchmarks/bench_memory_rows.py --what ghost train_step --lengths 512 --rows 2
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engines import peak_extra_mb, report  # noqa: E402
+from bench_packing import one_pass  # noqa: E402
 
 
 def _child(what: str, length: int, rows: int) -> dict:
-    from gradscope.gradients import ENGINES
     from gradscope.model import load_model
     from gradscope.packing import pack
 
@@ -43,21 +43,13 @@ def _child(what: str, length: int, rows: int) -> dict:
         pairs.append((prompt + ids(length // 4), prompt + ids(length // 4)))
     batch = pack(pairs)
 
-    def run():
-        if what == "ghost":
-            ENGINES["ghost"](model, **batch.engine_args())
-        else:
-            o = model(**batch.model_args())
-            B = len(batch)
-            (-torch.nn.functional.logsigmoid(o.rewards[:B] - o.rewards[B:]).mean()).backward()
-
     return {"what": what, "length": length, "rows": rows, "tokens": int(batch.attention_mask.sum()),
-            "peak_extra_mb": peak_extra_mb(run, "cpu")}
+            "peak_extra_mb": peak_extra_mb(lambda: one_pass(what, model, [batch]), "cpu")}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--what", nargs="+", default=["ghost", "train"], choices=["ghost", "train"])
+    ap.add_argument("--what", nargs="+", default=["ghost", "train_step"], choices=["ghost", "train_step"])
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 512, 1024])
     ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--json", help="write the rows to this file")
