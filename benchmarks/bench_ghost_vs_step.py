@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engines import report  # noqa: E402
-from bench_packing import DATASETS, one_pass, smollm2_batches, wide_batches  # noqa: E402
+from bench_packing import add_batch_args, one_pass, smollm2_batches, wide_batches  # noqa: E402
 
 WHATS = ("ghost", "train_step")
 
@@ -45,11 +45,7 @@ def compare(model, batches, rounds: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", nargs="+", default=["hh", "rb", "wide"], choices=[*DATASETS, "wide"])
-    ap.add_argument("--pairs", type=int, default=64)
-    ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--max-batch-tokens", type=int, default=2048)
+    add_batch_args(ap)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", help="write the rows to this file")
     args = ap.parse_args()

@@ -126,13 +126,18 @@ def _child(args) -> None:
     print(json.dumps(out))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_batch_args(ap: argparse.ArgumentParser) -> None:
+    """The data sets and their batching, as the commands batch them (shared with bench_ghost_vs_step)."""
     ap.add_argument("--datasets", nargs="+", default=["hh", "rb", "wide"], choices=[*DATASETS, "wide"])
     ap.add_argument("--pairs", type=int, default=64)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-batch-tokens", type=int, default=2048)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_batch_args(ap)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=1,
                     help="timed passes of each (what, layout), each in a fresh process; the fastest is reported")
