@@ -22,9 +22,9 @@ batch) and the passes side by side (repeat by repeat, run next to each other). T
 layers are wide. Ratios: packed / unpacked for each, and ghost / train_step with both packed. Run it
 alone: another job on the 2 cores changes the ratios.
 
-    python benchmarks/bench_packing.py                                  # about 25 min on 2 cores
-    python benchmarks/bench_packing.py --repeats 3                      # about 60 min
-    python benchmarks/bench_packing.py --datasets hh --repeats 3        # about 35 min
+    python benchmarks/bench_packing.py                                  # about 20 min on 2 cores
+    python benchmarks/bench_packing.py --repeats 3                      # about 55 min (53 min on 2026-12-07)
+    python benchmarks/bench_packing.py --datasets hh --repeats 3        # about 25 min
     python benchmarks/bench_packing.py --pairs 8 --datasets hh --json out.json   # a quick look
 """
 
