@@ -142,6 +142,17 @@ def peak_rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
+def exact_peak_extra_mb(fn) -> float | None:
+    """Run ``fn()`` and return its peak resident memory above the memory just before it, in MB, from
+    the kernel's count reset just before it (exact, and nothing runs beside ``fn``); None, without
+    running ``fn``, where that count cannot be reset."""
+    base = rss_mb()
+    if not reset_peak_rss():
+        return None
+    fn()
+    return peak_rss_mb() - base
+
+
 def peak_extra_mb(fn, device: str) -> float:
     """Peak memory of ``fn()`` above the memory just before it, in MB: on CUDA the allocator's
     maximum; on CPU the kernel's peak resident set size, reset just before (exact, and nothing runs
@@ -155,10 +166,10 @@ def peak_extra_mb(fn, device: str) -> float:
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
+    exact = exact_peak_extra_mb(fn)
+    if exact is not None:
+        return exact
     base = rss_mb()
-    if reset_peak_rss():
-        fn()
-        return peak_rss_mb() - base
     peak = [base]
     done = threading.Event()
 

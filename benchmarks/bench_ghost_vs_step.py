@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engines import report  # noqa: E402
-from bench_packing import add_batch_args, one_pass, smollm2_batches, wide_batches  # noqa: E402
+from bench_packing import add_batch_args, batches_for, one_pass  # noqa: E402
 
 WHATS = ("ghost", "train_step")
 
@@ -51,11 +51,7 @@ def main() -> None:
     args = ap.parse_args()
     rows = []
     for dataset in args.datasets:
-        if dataset == "wide":
-            model, batches, _ = wide_batches(True)
-        else:
-            model, batches, _ = smollm2_batches(dataset, args.pairs, args.max_length, args.batch_size,
-                                                args.max_batch_tokens, True)
+        model, batches, _ = batches_for(dataset, args, pack=True)
         t = compare(model, batches, args.rounds)
         best = {w: sum(min(r[b] for r in t[w]) for b in range(len(batches))) for w in WHATS}
         each = [sum(t["ghost"][r]) / sum(t["train_step"][r]) for r in range(args.rounds)]

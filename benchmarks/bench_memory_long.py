@@ -7,7 +7,8 @@ and runs the default correlate on them (SmolLM2, engine auto = ghost, max length
 with packed pairs and without (``--pack both``, the default: before and after packing), each in a
 subprocess. Prints its peak resident memory, from the kernel's high-water mark read every 0.2 s
 (``VmHWM``: exact but for the run's last 0.2 s; until 2026-12-07 the resident memory itself sampled
-every 0.2 s, which can miss a short peak), the time and the batches chosen per run. Memory does not depend on other jobs sharing the CPU; time does.
+every 0.2 s, which can miss a short peak), the time and the batches chosen per run. Memory does not
+depend on other jobs sharing the CPU; time does.
 
     python benchmarks/bench_memory_long.py                               # 16 pairs, budget 2048, unpacked and packed
     python benchmarks/bench_memory_long.py --budgets none 8192 4096 2048 --pack on --json out.json

@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engines import reset_peak_rss, peak_extra_mb, peak_rss_mb, report, rss_mb, sync  # noqa: E402
+from bench_engines import exact_peak_extra_mb, peak_extra_mb, report, sync  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 DATASETS = {"hh": ("train-hh-rlhf.jsonl", "first"), "rb": ("rewardbench-v1.jsonl", "stratified")}
@@ -101,14 +101,17 @@ def one_pass(what: str, model, batches) -> list[float]:
     return seconds
 
 
+def batches_for(dataset: str, args, pack: bool):
+    """(model, batches, summary) of ``dataset`` ("wide" or one of DATASETS) as ``add_batch_args`` asks."""
+    if dataset == "wide":
+        return wide_batches(pack)
+    return smollm2_batches(dataset, args.pairs, args.max_length, args.batch_size, args.max_batch_tokens, pack)
+
+
 def _child(args) -> None:
     dataset, what, pack, mode = args._child[0], args._child[1], args._child[2] == "packed", args._child[3]
     torch.set_num_threads(args.threads) if args.threads else None
-    if dataset == "wide":
-        model, batches, summary = wide_batches(pack)
-    else:
-        model, batches, summary = smollm2_batches(dataset, args.pairs, args.max_length, args.batch_size,
-                                                  args.max_batch_tokens, pack)
+    model, batches, summary = batches_for(dataset, args, pack)
     # one cold pass: its peak is the largest batch's (a warm-up would leave memory in the allocator, which
     # the next pass reuses unseen); first-call costs are small against a pass of minutes
     if mode == "memory":  # only where the kernel's peak cannot be reset: sampled, so not timed
@@ -116,13 +119,17 @@ def _child(args) -> None:
         return
     sync("cpu")
     out = {"batching": summary}
-    if exact_peak := reset_peak_rss():
-        base = rss_mb()
+
+    def run():
+        out["batch_seconds"] = one_pass(what, model, batches)
+
     t0 = time.perf_counter()
-    out["batch_seconds"] = one_pass(what, model, batches)
+    peak = exact_peak_extra_mb(run)
+    if peak is None:  # the parent samples it in another process
+        run()
     out["seconds"] = time.perf_counter() - t0
-    if exact_peak:
-        out["peak_mem_mb"] = peak_rss_mb() - base
+    if peak is not None:
+        out["peak_mem_mb"] = peak
     print(json.dumps(out))
 
 
