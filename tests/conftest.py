@@ -25,6 +25,19 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def float64_rmsnorm(monkeypatch):
+    """HF's LlamaRMSNorm normalises in float32 even in a float64 model; in float64 here, so that the
+    comparison sees the algebra, not that rounding."""
+    import torch
+    from transformers.models.llama import modeling_llama
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", forward)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     from tiny import save_tiny_model_dir

@@ -14,18 +14,6 @@ KINDS = ["llama", "gpt2", "bert"]
 P = Pair("p", (), (), "", "all")
 
 
-@pytest.fixture
-def float64_rmsnorm(monkeypatch):
-    """HF's LlamaRMSNorm normalises in float32 even in a float64 model; in float64 here, so that the
-    comparison sees the algebra, not that rounding."""
-    from transformers.models.llama import modeling_llama
-
-    def forward(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", forward)
-
-
 def pairs():
     g = torch.Generator().manual_seed(4)
     extra = []

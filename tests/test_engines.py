@@ -382,3 +382,84 @@ def test_every_pooling_agrees_across_engines_float64(kind, pooling):
     torch.testing.assert_close(ref.sq_norms[:, head].sqrt(), dist, rtol=1e-10, atol=1e-12)
     if pooling == "mean":
         torch.testing.assert_close(ref.last_hidden, ref.mean_hidden, rtol=0, atol=0)
+
+
+class _RMSNormEpsOutside(torch.nn.Module):
+    """x / (rms(x) + eps): an RMSNorm whose eps sits outside the root, which the probe must tell apart."""
+
+    def __init__(self, d, eps=1e-5):
+        super().__init__()
+        self.weight, self.eps = torch.nn.Parameter(torch.ones(d, dtype=torch.float64)), eps
+
+    def forward(self, x):
+        return self.weight * x / (x.pow(2).mean(-1, keepdim=True).sqrt() + self.eps)
+
+
+class _GemmaRMSNorm(_RMSNormEpsOutside):
+    """Gemma's (1 + γ) form."""
+
+    def forward(self, x):
+        return (1 + self.weight) * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+
+def test_the_rmsnorm_formula_is_taken_only_where_the_module_computes_it(float64_rmsnorm):
+    from gradscope.gradients.ghost import _rms_eps
+
+    llama = tiny_reward_model("llama", torch.float32).backbone.norm
+    assert _rms_eps(llama) == llama.variance_epsilon
+    for dtype in (torch.float64, torch.float32):  # the fixture's float64 forward
+        norm = tiny_reward_model("llama", dtype).backbone.norm
+        assert _rms_eps(norm) == norm.variance_epsilon
+    assert _rms_eps(_RMSNormEpsOutside(16)) is None
+    assert _rms_eps(_GemmaRMSNorm(16)) is None
+    assert _rms_eps(torch.nn.LayerNorm(16, dtype=torch.float64)) is None  # has a bias: the general rule
+    assert _rms_eps(torch.nn.RMSNorm(16, eps=1e-6, dtype=torch.float64)) == 1e-6
+
+
+def test_hf_rmsnorm_in_float64_upcasts_so_it_takes_the_general_rule():
+    """HF's LlamaRMSNorm rounds through float32 even in a float64 model: the formula in float64 would
+    not match it to float64 precision, so the probe sends it down the module's own forward."""
+    from gradscope.gradients.ghost import _rms_eps
+
+    assert _rms_eps(tiny_reward_model("llama", torch.float64).backbone.norm) is None
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("norm", ["formula", "module"])
+def test_ghost_norm_rules_equal_loop_float64(norm, packed, float64_rmsnorm, monkeypatch):
+    """Llama's norms through the RMSNorm formula (the fixture's float64 forward passes the probe) and
+    through the module's own forward (the probe turned off), per parameter against the loop."""
+    from test_packing import awkward_pairs, unpacked
+
+    from gradscope.gradients import ghost
+    from gradscope.packing import pack
+
+    calls = []
+    if norm == "module":
+        monkeypatch.setattr(ghost, "_rms_eps", lambda mod: None)
+    real = ghost._norm_dy_dw
+    monkeypatch.setattr(ghost, "_norm_dy_dw", lambda *a: calls.append(1) or real(*a))
+    model = tiny_reward_model("llama", torch.float64)
+    pairs = awkward_pairs()
+    ref = ENGINES["loop"](model, **unpacked(pairs).engine_args())
+    out = ENGINES["ghost"](model, **(pack(pairs) if packed else unpacked(pairs, "left")).engine_args())
+    assert_norms_match(ref.sq_norms, out.sq_norms, rtol=1e-9, names=ref.names)
+    norms = [i for i, n in enumerate(ref.names) if "norm" in n]
+    assert norms and (out.sq_norms[:, norms] > 0).any()
+    assert bool(calls) == (norm == "module")
+
+
+def test_only_readers_that_take_the_gram_form_share_the_input_gram():
+    """q, k and v read one input: at 265 packed tokens (SmolLM2's widths) k and v instantiate, so q may
+    not count them as sharing the input's Gram (alone, it instantiates too); at 100 tokens all three share it."""
+    from types import SimpleNamespace
+
+    from gradscope.gradients.ghost import _Recorder, _rows_gram_cheaper, _Rows
+
+    rec = SimpleNamespace(reader_widths={"qkv": [576, 192, 192], "gate_up": [1536, 1536]})
+    lay = _Rows(torch.ones(1, 4, dtype=torch.long))
+    assert _Recorder._gram_sharers(rec, "qkv", lay, 265, 576) == 1 and not _rows_gram_cheaper(265, 576, 576, 1)
+    assert _rows_gram_cheaper(265, 576, 576, 3)  # what counting k and v made of q
+    assert _Recorder._gram_sharers(rec, "qkv", lay, 100, 576) == 3
+    assert _Recorder._gram_sharers(rec, "gate_up", lay, 265, 576) == 2
+    assert _Recorder._gram_sharers(rec, "gate_up", lay, 700, 576) == 1
