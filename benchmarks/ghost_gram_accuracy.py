@@ -3,7 +3,8 @@ behind ``GRAM_COND_MAX`` (``gradscope/gradients/ghost.py``).
 
 The Gram form forms ‖Σ_t g_t a_tᵀ‖² as Σ_{t,s} (a_t·a_s)(g_t·g_s), which squares the cancellation
 between a pair's two sides: its rounding error is about eps × the condition (the sum of the absolute
-side or region blocks over the result). Pairs above ``GRAM_COND_MAX`` are redone in float64; below it
+side or region blocks over the result). Pairs above ``GRAM_COND_MAX`` are redone by instantiating their
+gradient in float32 (float64 until 2026-12-07); below it
 the float32 result stands. This script runs the ghost engine over real pairs with SmolLM2 in float32
 and, at every (pair, layer) the Gram form handles with a condition above 30, compares against the
 exact value for the same float32 inputs (float64 from those inputs):

@@ -39,3 +39,15 @@ def test_poll_peak_mb_is_the_childs_own_exact_peak():
     assert proc.returncode == 0
     assert 300 <= peak <= 400, peak
     del ballast
+
+
+def test_interleaved_schedule_runs_every_batch_once_in_step_with_each_pass():
+    from bench_interleaved import schedule
+
+    order = schedule({"packed": 2, "unpacked": 4})
+    assert sorted(order) == [("packed", 0), ("packed", 1)] + [("unpacked", i) for i in range(4)]
+    assert order == [("unpacked", 0), ("packed", 0), ("unpacked", 1), ("unpacked", 2), ("packed", 1), ("unpacked", 3)]
+    assert schedule({"packed": 2, "unpacked": 4}, reverse=True)[:3] == [("unpacked", 0), ("unpacked", 1), ("packed", 0)]
+    for p in ("packed", "unpacked"):  # each pass's batches in their own order
+        idx = [i for q, i in order if q == p]
+        assert idx == sorted(idx)

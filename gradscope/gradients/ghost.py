@@ -14,7 +14,7 @@ norm without ever building the per-pair gradient. Write ``a_t`` for a layer's in
 
   or ``‖Gᵀ A‖²`` by instantiating the (d_out × d_in) pair gradient (O(2T·d_in·d_out)); we take
   whichever costs fewer FLOPs for that layer and length (the Gram form squares the cancellation between the
-  two sides, so ill-conditioned pairs are redone in float64, see ``_gram_sq``). The cross terms between chosen and
+  two sides, so ill-conditioned pairs are redone by instantiating, see ``_gram_sq``). The cross terms between chosen and
   rejected tokens are included, as they must be: that is where the two sequences' gradients
   cancel. ``∇c = Σ_t g_t``.
 * Embedding: ``∇E[v] = Σ_{t: id_t = v} g_t``; contributions of equal token ids are summed before
@@ -135,13 +135,13 @@ def _pair_sum_sq(x: torch.Tensor, B: int) -> torch.Tensor:
     return (s[:B] + s[B:]).pow(2).sum(-1)
 
 
-# A float32 Gram result is redone in float64 above this condition (see ``_gram_sq``): its error bound,
+# A float32 Gram result is redone by instantiating above this condition (see ``_gram_sq``): its error bound,
 # eps × condition = 6e-5 at 500, is then no larger than the error float32 has anyway in forming the
 # gradient itself (‖Gᵀ A‖² instantiated in float32, as autograd's weight gradient is, against float64 from
 # the same inputs: median 6e-5, max 2.3e-4, over the 410 (pair, layer) of 40 train-reasoning pairs with
 # SmolLM2, packed at 512 tokens, whose condition exceeded 30; the Gram form's own errors there: max 2.3e-5
 # below condition 100, 1.1e-4 below 1,000, 7.6e-4 above; ``benchmarks/ghost_gram_accuracy.py``). At 30
-# (until 2026-12-06), the float64 redo took 2.4 s of an 85 s ghost pass over 64 hh-rlhf pairs.
+# (until 2026-12-06), the redo (then in float64) took 2.4 s of an 85 s ghost pass over 64 hh-rlhf pairs.
 GRAM_COND_MAX = 500.0
 # The Gram form is taken while its cost is below GRAM_MARGIN × the instantiated gradient's: multiply-adds,
 # and on packed rows GRAM_OVERHEAD more per token pair (the float64 region-block sums over each (L × L)
@@ -237,26 +237,20 @@ def _gram_blocks(ka, kg) -> tuple[torch.Tensor, ...]:
     return tuple((x * y).sum((1, 2), dtype=torch.float64) for x, y in zip(ka, kg))
 
 
-def _exact_sq(a: torch.Tensor, g: torch.Tensor, shared: int = 1, grams: dict | None = None, key=None) -> torch.Tensor:
-    """One pair's real tokens, a: (n, d_in), g: (n, d_out) -> ‖gᵀ a‖² in float64 (0-dim): the redo of an
-    ill-conditioned float32 Gram result. In the Gram form (its error eps64 × condition) or by
-    instantiating the float64 gradient, whichever is cheaper by the rule of :func:`_linear_sq`; the input's
-    float64 Gram is kept in ``grams`` under ``key`` for the other of the ``shared`` layers that read the
-    same input (a pair ill-conditioned at q is mostly so at k and v too)."""
-    n, d_in, d_out = a.shape[0], a.shape[1], g.shape[1]
-    if n * (d_in / shared + d_out) >= GRAM_MARGIN * d_in * d_out:
-        return (g.T.double() @ a.double()).square().sum()
-    ka = None if grams is None else grams.get(key)
-    if ka is None:
-        a64 = a.double()
-        ka = a64 @ a64.T
-        if grams is not None:
-            grams[key] = ka
-    g64 = g.double()
-    return (ka * (g64 @ g64.T)).sum()
+def _redo_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """One pair's real tokens, a: (n, d_in), g: (n, d_out) -> ‖gᵀ a‖² (float64 0-dim) by instantiating its
+    gradient in the inputs' precision: the redo of a Gram-form result whose condition exceeds
+    ``GRAM_COND_MAX``. Its error is then the instantiated gradient's, the yardstick that threshold is set
+    by (what autograd's weight gradient has, and what every row too long for the Gram form gets).
+
+    Until 2026-12-07 the redo ran in float64, more exact than that yardstick and 2× slower per
+    multiply-add: on three of RewardBench's packed batches of 339-664 tokens, whose reasoning pairs
+    (near-identical sides) are redone at most MLP layers, it took 3.0 s of a 24 s ghost pass; redone
+    this way the pass took 21.1 s against the training step's 20.7 s (fastest of 3, alternating)."""
+    return _sq_norm(g.T @ a)
 
 
-def _gram_sq(aw, al, gw, gl, ka=None, sw=None, sl=None, shared: int = 1, grams: dict | None = None) -> torch.Tensor:
+def _gram_sq(aw, al, gw, gl, ka=None, sw=None, sl=None) -> torch.Tensor:
     """(b, L, d) inputs and output gradients of each side -> (b,) ‖∇W‖² of each pair (``ka``: the
     inputs' Gram blocks, when another layer reading the same input already formed them; ``sw``, ``sl``:
     each side's spans of real tokens, see :func:`_side_grams`).
@@ -264,24 +258,26 @@ def _gram_sq(aw, al, gw, gl, ka=None, sw=None, sl=None, shared: int = 1, grams: 
     ww = ‖∇_w‖² and ll = ‖∇_l‖² are sums of squares; the cross term 2 wl cancels them where the two
     sides' gradients agree, so the rounding error of the result is about eps × (ww + ll + 2|wl|):
     the cancellation is squared, unlike the loop's eps × ‖∇_w‖ ‖∇_w - ∇_l‖. A pair whose
-    condition (ww + ll + 2|wl|) / result exceeds ``GRAM_COND_MAX`` is recomputed in float64 over its own
-    tokens (:func:`_exact_sq`; ``shared`` and ``grams`` as there)."""
+    condition (ww + ll + 2|wl|) / result exceeds ``GRAM_COND_MAX`` is redone by instantiating its
+    gradient over its own tokens (:func:`_redo_sq`)."""
     ww, ll, wl = _gram_blocks(ka if ka is not None else _side_grams(aw, al, sw, sl), _side_grams(gw, gl, sw, sl))
     total = ww + ll + 2 * wl
     if aw.dtype != torch.float64:
         cond = (ww + ll + 2 * wl.abs()) / total.clamp(min=torch.finfo(torch.float64).tiny)
         for i in (cond > GRAM_COND_MAX).nonzero().flatten().tolist():
             (s, e), (s2, e2) = (sw[i], sl[i]) if sw is not None else ((0, aw.shape[1]), (0, al.shape[1]))
-            total[i] = _exact_sq(torch.cat([aw[i, s:e], al[i, s2:e2]]), torch.cat([gw[i, s:e], gl[i, s2:e2]]),
-                                 shared, grams, (aw[i].data_ptr(), al[i].data_ptr(), s, e, s2, e2))
+            total[i] = _redo_sq(torch.cat([aw[i, s:e], al[i, s2:e2]]), torch.cat([gw[i, s:e], gl[i, s2:e2]]))
     return total.clamp(min=0)  # exact value ≥ 0; rounding can dip below 0 for identical sides
 
 
 def _sq_norm(w: torch.Tensor) -> torch.Tensor:
     """‖w‖² of a contiguous matrix, as a float64 0-dim tensor. A BLAS dot of the flat matrix with itself:
     on this CPU 2.4× faster than ``vector_norm`` and 40× more accurate (576 × 1536 float32: 0.06 ms and
-    1.2e-6 relative error against float64, ``vector_norm`` 0.15 ms and 5e-5, 2026-12-07)."""
-    v = w.view(-1)
+    1.2e-6 relative error against float64, ``vector_norm`` 0.15 ms and 5e-5, 2026-12-07). Half-precision
+    gradients are read in float32, so that the square is not rounded to their 8 or 11 bits."""
+    v = w.reshape(-1)
+    if v.dtype in (torch.float16, torch.bfloat16):
+        v = v.float()
     return torch.dot(v, v).double()
 
 
@@ -301,13 +297,12 @@ def _instantiated_sq(a: torch.Tensor, g: torch.Tensor, spans=None, scratch: _Scr
 
 
 def _linear_sq(a: torch.Tensor, g: torch.Tensor, B: int, shared: int = 1, a_grams=None, spans=None,
-               scratch: _Scratch | None = None, grams: dict | None = None) -> torch.Tensor:
+               scratch: _Scratch | None = None) -> torch.Tensor:
     """a: (2B, L, d_in), g: (2B, L, d_out), rows [chosen; rejected] -> (B,) ‖Σ_t g_t a_tᵀ‖² over the
     tokens of both sides of each pair, in Gram form or by instantiating, whichever is cheaper. The
     input's Gram blocks are shared by the ``shared`` layers that read the same input (``a_grams()``
     forms them once), so each pays 1/shared of them. ``spans``: each of the 2B rows' (start, end) of
-    real tokens, where the batch has padding: each pair's products then run over its own tokens.
-    ``grams``: the float64 input Grams of the pairs redone (:func:`_exact_sq`), shared with the other readers."""
+    real tokens, where the batch has padding: each pair's products then run over its own tokens."""
     sw, sl = (None, None) if spans is None else (spans[:B], spans[B:])
     L, d_in = a.shape[1], a.shape[2]
     d_out = g.shape[-1]
@@ -320,7 +315,7 @@ def _linear_sq(a: torch.Tensor, g: torch.Tensor, B: int, shared: int = 1, a_gram
         for i in range(0, B, step):
             j = slice(i, i + step)
             out[j] = _gram_sq(a[:B][j], a[B:][j], g[:B][j], g[B:][j], None if ka is None else [k[j] for k in ka],
-                              None if sw is None else sw[j], None if sl is None else sl[j], shared, grams)
+                              None if sw is None else sw[j], None if sl is None else sl[j])
     else:  # instantiate the (d_out × d_in) pair gradient, 2 L d_in d_out MACs per pair, one pair at a time
         # (as in _instantiated_sq): its chosen side's product, then its rejected side's added in
         w = None if scratch is None else scratch.get("w", (d_out, d_in), a)
@@ -342,15 +337,14 @@ def _embedding_sq(ids: torch.Tensor, g: torch.Tensor, vocab: int) -> torch.Tenso
     return out.index_add_(0, torch.div(uniq, vocab, rounding_mode="floor"), rows.pow(2).sum(1))
 
 
-def _gram_rows(a, g, regions, ka=None, spans=None, scratch: _Scratch | None = None, shared: int = 1,
-               grams: dict | None = None) -> torch.Tensor:
+def _gram_rows(a, g, regions, ka=None, spans=None, scratch: _Scratch | None = None) -> torch.Tensor:
     """Packed rows: (b, L, d) inputs and output gradients, one pair per row -> (b,) ‖Σ_t g_t a_tᵀ‖²
     (``ka``: the inputs' token Gram, when another layer reading the same input already formed it).
 
     As for two sides (``_gram_sq``), the rounding error is about eps × the sum of the absolute
     region-block sums of the token Gram product (regions: prompt, chosen rest, rejected rest; the
     diagonal blocks are squared norms, ≥ 0); a pair whose condition exceeds ``GRAM_COND_MAX`` is
-    recomputed in float64 over its own tokens (:func:`_exact_sq`, ``shared`` and ``grams`` as there).
+    redone by instantiating its gradient over its own tokens (:func:`_redo_sq`).
     regions: (b, L, 3) one-hot, float64; spans: see :func:`_trimmed_grams`."""
     ka = _trimmed_grams(a, spans) if ka is None else ka
     b, L = g.shape[:2]
@@ -363,7 +357,7 @@ def _gram_rows(a, g, regions, ka=None, spans=None, scratch: _Scratch | None = No
         cond = blocks.abs().sum((1, 2)) / total.clamp(min=torch.finfo(torch.float64).tiny)
         for i in (cond > GRAM_COND_MAX).nonzero().flatten().tolist():
             s, e = spans[i] if spans is not None else (0, L)
-            total[i] = _exact_sq(a[i, s:e], g[i, s:e], shared, grams, (a[i].data_ptr(), s, e))
+            total[i] = _redo_sq(a[i, s:e], g[i, s:e])
     return total.clamp(min=0)
 
 
@@ -403,8 +397,8 @@ class _Sides:
         sw, sl = (None, None) if self.spans is None else (self.spans[:self.B], self.spans[self.B:])
         return _side_grams(a[:self.B], a[self.B:], sw, sl)
 
-    def linear_sq(self, a: torch.Tensor, g: torch.Tensor, shared: int = 1, a_grams=None, grams=None) -> torch.Tensor:
-        return _linear_sq(a, g, self.B, shared, a_grams, self.spans, self.scratch, grams)
+    def linear_sq(self, a: torch.Tensor, g: torch.Tensor, shared: int = 1, a_grams=None) -> torch.Tensor:
+        return _linear_sq(a, g, self.B, shared, a_grams, self.spans, self.scratch)
 
 
 class _Rows:
@@ -430,7 +424,7 @@ class _Rows:
     def input_grams(self, a: torch.Tensor):
         return _trimmed_grams(a, self.spans)
 
-    def linear_sq(self, a: torch.Tensor, g: torch.Tensor, shared: int = 1, a_grams=None, grams=None) -> torch.Tensor:
+    def linear_sq(self, a: torch.Tensor, g: torch.Tensor, shared: int = 1, a_grams=None) -> torch.Tensor:
         """Gram form (L² (d_in / shared + d_out) MACs per pair, the input's Gram shared as in
         ``_linear_sq``) or the instantiated gradient (L d_in d_out), whichever is cheaper, with the
         same margin as ``_linear_sq``."""
@@ -444,7 +438,7 @@ class _Rows:
         for i in range(0, B, step):
             j = slice(i, i + step)
             out[j] = _gram_rows(a[j], g[j], self.regions[j], None if ka is None else ka[j],
-                                None if self.spans is None else self.spans[j], self.scratch, shared, grams)
+                                None if self.spans is None else self.spans[j], self.scratch)
         return out
 
 
@@ -476,7 +470,6 @@ class _Recorder:
         self.reader_widths: dict[tuple, list[int]] = {}
         self.unread: dict[tuple, int] = {}
         self.input_grams: dict[tuple, object] = {}
-        self.exact_grams: dict[tuple, dict] = {}  # and the float64 Grams of the pairs its readers redid
 
     def close(self):
         for h in self.handles:
@@ -534,7 +527,6 @@ class _Recorder:
         self.unread[key] -= 1
         if self.unread[key] == 0:
             self.input_grams.pop(key, None)
-            self.exact_grams.pop(key, None)
 
     def _grad_hook(self, name: str, mod: nn.Module, rule: str, x: torch.Tensor, key: tuple | None = None):
         def on_grad(g: torch.Tensor):
@@ -562,8 +554,7 @@ class _Recorder:
                 else:
                     # each reader that takes the Gram form pays its share of the input's Gram
                     shared = self._gram_sharers(key, lay, xs.shape[1], xs.shape[-1])
-                    self._add(name, "weight", lay.linear_sq(xs, gs, shared, self._shared_grams(key, lay, xs),
-                                                            self.exact_grams.setdefault(key, {})))
+                    self._add(name, "weight", lay.linear_sq(xs, gs, shared, self._shared_grams(key, lay, xs)))
                     self._read(key)
                 if getattr(mod, "bias", None) is not None:
                     self._add(name, "bias", lay.sum_sq(gs))
