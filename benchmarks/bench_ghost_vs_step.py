@@ -15,7 +15,6 @@ time), and round by round.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engines import report  # noqa: E402
-from bench_packing import add_batch_args, batches_for, one_pass  # noqa: E402
+from bench_packing import batches_for, one_pass, parse_rounds_args  # noqa: E402
 
 WHATS = ("ghost", "train_step")
 
@@ -44,11 +43,7 @@ def compare(model, batches, rounds: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_batch_args(ap)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--json", help="write the rows to this file")
-    args = ap.parse_args()
+    args = parse_rounds_args(__doc__)
     rows = []
     for dataset in args.datasets:
         model, batches, _ = batches_for(dataset, args, pack=True)

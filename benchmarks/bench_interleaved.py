@@ -16,7 +16,6 @@ round by round.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engines import report  # noqa: E402
-from bench_packing import add_batch_args, batches_for, one_pass  # noqa: E402
+from bench_packing import batches_for, one_pass, parse_rounds_args  # noqa: E402
 
 WHATS = ("ghost", "train_step")
 LAYOUTS = ("packed", "unpacked")
@@ -68,11 +67,7 @@ def summarise(dataset: str, times: dict, summary: dict) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_batch_args(ap)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--json", help="write the rows to this file")
-    args = ap.parse_args()
+    args = parse_rounds_args(__doc__)
     rows = []
     for dataset in args.datasets:
         model, packed, summary = batches_for(dataset, args, pack=True)

@@ -133,6 +133,16 @@ def _child(args) -> None:
     print(json.dumps(out))
 
 
+def parse_rounds_args(doc: str) -> argparse.Namespace:
+    """The command line of the in-process comparisons (bench_ghost_vs_step, bench_interleaved): the data
+    sets and their batching, ``--rounds`` and ``--json``."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_batch_args(ap)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--json", help="write the rows to this file")
+    return ap.parse_args()
+
+
 def add_batch_args(ap: argparse.ArgumentParser) -> None:
     """The data sets and their batching, as the commands batch them (shared with bench_ghost_vs_step)."""
     ap.add_argument("--datasets", nargs="+", default=["hh", "rb", "wide"], choices=[*DATASETS, "wide"])
