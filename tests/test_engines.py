@@ -412,7 +412,9 @@ def test_hf_rmsnorm_in_float64_upcasts_so_it_takes_the_general_rule():
     not match it to float64 precision, so the probe sends it down the module's own forward."""
     from gradscope.gradients.ghost import _rms_eps
 
-    assert _rms_eps(tiny_reward_model("llama", torch.float64).backbone.norm) is None
+    norm = tiny_reward_model("llama", torch.float64).backbone.norm
+    assert _rms_eps(norm) is None
+    assert _rms_eps(norm.float()) == norm.variance_epsilon  # probed again in its new dtype
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -598,11 +598,12 @@ def _rms_eps(mod: nn.Module) -> float | None:
     its weight's precision (Llama's, Mistral's, Qwen's), else None. Checked once per module against its
     own forward with γ = 1 on a seeded probe whose rows are small enough for eps to matter (so an eps
     added elsewhere, or Gemma's (1 + γ), fails it); float32 and float64 weights only (a bfloat16 norm
-    upcasts inside, which this formula would not round alike)."""
-    if mod in _RMS_EPS:
-        return _RMS_EPS[mod]
-    eps = next((v for k in ("variance_epsilon", "eps") if isinstance(v := getattr(mod, k, None), float)), None)
+    upcasts inside, which this formula would not round alike). Probed again if the weight's dtype changed."""
     w = mod.weight
+    known = _RMS_EPS.get(mod)
+    if known is not None and known[0] == w.dtype:
+        return known[1]
+    eps = next((v for k in ("variance_epsilon", "eps") if isinstance(v := getattr(mod, k, None), float)), None)
     if eps is not None and getattr(mod, "bias", None) is None and w.dtype in (torch.float32, torch.float64):
         gen = torch.Generator().manual_seed(0)
         scale = torch.tensor([1e-3, 1e-2, 1.0, 1e2], dtype=torch.float64)[:, None, None]
@@ -614,11 +615,11 @@ def _rms_eps(mod: nn.Module) -> float | None:
             eps = None
     else:
         eps = None
-    _RMS_EPS[mod] = eps
+    _RMS_EPS[mod] = (w.dtype, eps)
     return eps
 
 
-_RMS_EPS: "weakref.WeakKeyDictionary[nn.Module, float | None]" = weakref.WeakKeyDictionary()
+_RMS_EPS: "weakref.WeakKeyDictionary[nn.Module, tuple[torch.dtype, float | None]]" = weakref.WeakKeyDictionary()
 
 
 def _zero_without_weight(mod: nn.Module) -> bool:
