@@ -149,7 +149,8 @@ GRAM_COND_MAX = 500.0
 # rule picks the faster form in every measured shape but one (within 15%); on two rows a pair, margin 1.0
 # was the best single margin (27% less time over the measured shapes than 2.0, which took the Gram form
 # up to 4× slower on long rows), though it still takes the Gram form for the attention projections
-# (q, k, v) at some lengths where instantiating is faster.
+# (q, k, v) at some lengths where instantiating is faster (in part, until 2026-12-07, because q counted
+# k and v as sharing its input's Gram where they instantiate: ``_Recorder._gram_sharers``).
 GRAM_MARGIN = 1.0
 GRAM_OVERHEAD = 256
 
