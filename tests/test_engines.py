@@ -406,6 +406,13 @@ def test_the_rmsnorm_formula_is_taken_only_where_the_module_computes_it(float64_
     assert _rms_eps(torch.nn.LayerNorm(16, dtype=torch.float64)) is None  # has a bias: the general rule
     assert _rms_eps(torch.nn.RMSNorm(16, eps=1e-6, dtype=torch.float64)) == 1e-6
 
+    class _TwoDimOnly(_RMSNormEpsOutside):  # its forward refuses the probe's shape
+        def forward(self, x):
+            assert x.dim() == 2
+            return super().forward(x)
+
+    assert _rms_eps(_TwoDimOnly(16)) is None
+
 
 def test_hf_rmsnorm_in_float64_upcasts_so_it_takes_the_general_rule():
     """HF's LlamaRMSNorm rounds through float32 even in a float64 model: the formula in float64 would
