@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engines import report  # noqa: E402
-from bench_packing import batches_for, one_pass, parse_rounds_args  # noqa: E402
+from bench_packing import batch_best, batches_for, one_pass, parse_rounds_args  # noqa: E402
 
 WHATS = ("ghost", "train_step")
 
@@ -48,7 +48,7 @@ def main() -> None:
     for dataset in args.datasets:
         model, batches, _ = batches_for(dataset, args, pack=True)
         t = compare(model, batches, args.rounds)
-        best = {w: sum(min(r[b] for r in t[w]) for b in range(len(batches))) for w in WHATS}
+        best = {w: batch_best(t[w]) for w in WHATS}
         each = [sum(t["ghost"][r]) / sum(t["train_step"][r]) for r in range(args.rounds)]
         rows.append({"dataset": dataset, "batches": len(batches), "ghost_seconds": best["ghost"],
                      "train_step_seconds": best["train_step"], "ratio": best["ghost"] / best["train_step"],

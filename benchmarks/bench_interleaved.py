@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engines import report  # noqa: E402
-from bench_packing import batches_for, one_pass, parse_rounds_args  # noqa: E402
+from bench_packing import batch_best, batches_for, one_pass, parse_rounds_args  # noqa: E402
 
 WHATS = ("ghost", "train_step")
 LAYOUTS = ("packed", "unpacked")
@@ -51,7 +51,7 @@ def interleave(model, batches: dict, rounds: int) -> dict:
 
 
 def summarise(dataset: str, times: dict, summary: dict) -> dict:
-    best = {f"{w}_{lay}": sum(map(min, zip(*t))) for (w, lay), t in times.items()}
+    best = {f"{w}_{lay}": batch_best(t) for (w, lay), t in times.items()}
     rounds = len(next(iter(times.values())))
     each = {f"{w}_{lay}": [sum(t[r]) for r in range(rounds)] for (w, lay), t in times.items()}
 

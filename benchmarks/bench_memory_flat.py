@@ -66,6 +66,19 @@ def poll_peak_mb(proc: subprocess.Popen, every: float = 0.2, on_sample=None) -> 
     return peak
 
 
+def run_measured(cmd: list[str], log: Path, on_sample=None) -> tuple[float, str]:
+    """Run ``cmd`` in a child, its output (stdout and stderr) to the file ``log``, and return its peak
+    resident memory in MB (:func:`poll_peak_mb`) and its output; exit with the output if it fails. A
+    file, not a pipe: the parent reads nothing until the child ends, and a child that filled a pipe
+    would wait forever."""
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, text=True)
+        peak = poll_peak_mb(proc, on_sample=on_sample)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd[2:4])} failed:\n{log.read_text()}")
+    return peak, log.read_text()
+
+
 def pairs_done(partial: Path) -> int:
     n = 0
     for f in partial.glob("pairs-*.parquet"):
@@ -98,7 +111,6 @@ def main() -> None:
                "--out", str(out), "--engine", args.engine, "--batch-size", str(args.batch_size),
                "--no-progress", "--n-boot", "200"]
         t0 = time.time()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         samples = []  # (seconds, pairs done, rss MB)
         count = {"t": 0.0, "done": 0}
 
@@ -108,10 +120,7 @@ def main() -> None:
                 count["done"], count["t"] = pairs_done(out / ".partial"), now
             samples.append((now, count["done"], rss))
 
-        peak = poll_peak_mb(proc, on_sample=sample)
-        log = proc.stdout.read()
-        if proc.returncode != 0:
-            raise SystemExit(f"correlate failed:\n{log}")
+        peak, log = run_measured(cmd, Path(tmp) / "correlate.log", on_sample=sample)
     df = pd.DataFrame(samples, columns=["seconds", "pairs_done", "rss_mb"])
     df["tenth"] = (df["pairs_done"] * 10 // args.pairs).clip(upper=9)
     print(f"{args.pairs} pairs, model {args.model}, engine {args.engine}, {time.time() - t0:.0f} s")

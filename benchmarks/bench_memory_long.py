@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engines import report  # noqa: E402
-from bench_memory_flat import poll_peak_mb  # noqa: E402
+from bench_memory_flat import run_measured  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "rewardbench-v1.jsonl"
 
@@ -78,11 +77,7 @@ def main() -> None:
             if budget != "none":
                 cmd += ["--max-batch-tokens", budget]
             t0 = time.time()
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            peak = poll_peak_mb(proc)
-            log = proc.stdout.read()
-            if proc.returncode != 0:
-                raise SystemExit(f"correlate failed:\n{log}")
+            peak, _ = run_measured(cmd, Path(tmp) / f"correlate-{budget}-{pack}.log")
             summary = json.loads((out / "summary.json").read_text())
             results.append({"budget": budget, "peak_rss_mb": peak, "seconds": time.time() - t0,
                             **summary["batching"]})

@@ -101,6 +101,12 @@ def one_pass(what: str, model, batches) -> list[float]:
     return seconds
 
 
+def batch_best(passes) -> float:
+    """Each batch's fastest time over the passes (each pass: its batches' seconds), summed: the pass's
+    time with the noise, which only ever adds time, taken out batch by batch."""
+    return sum(map(min, zip(*passes)))
+
+
 def batches_for(dataset: str, args, pack: bool):
     """(model, batches, summary) of ``dataset`` ("wide" or one of DATASETS) as ``add_batch_args`` asks."""
     if dataset == "wide":
@@ -144,7 +150,7 @@ def parse_rounds_args(doc: str) -> argparse.Namespace:
 
 
 def add_batch_args(ap: argparse.ArgumentParser) -> None:
-    """The data sets and their batching, as the commands batch them (shared with bench_ghost_vs_step)."""
+    """The data sets and their batching, as the commands batch them (also for :func:`parse_rounds_args`)."""
     ap.add_argument("--datasets", nargs="+", default=["hh", "rb", "wide"], choices=[*DATASETS, "wide"])
     ap.add_argument("--pairs", type=int, default=64)
     ap.add_argument("--max-length", type=int, default=512)
@@ -188,9 +194,9 @@ def main() -> None:
             # the fastest pass: the machine's noise only ever adds time
             peaks = [r["peak_mem_mb"] for r in runs[c] if "peak_mem_mb" in r]
             # and each batch's fastest, summed: the same estimate with the noise taken out batch by batch
-            batch_best = sum(map(min, zip(*(r["batch_seconds"] for r in runs[c]))))
+            best_by_batch = batch_best(r["batch_seconds"] for r in runs[c])
             row = {"dataset": dataset, "what": c[0], "layout": c[1], "seconds": min(seconds), "seconds_each": seconds,
-                   "batch_best_seconds": batch_best,
+                   "batch_best_seconds": best_by_batch,
                    "batching": runs[c][0]["batching"],
                    **({"peak_mem_mb": max(peaks), "peak_mem_mb_each": peaks} if peaks else child(dataset, *c, "memory"))}
             rows.append(row)

@@ -51,3 +51,20 @@ def test_interleaved_schedule_runs_every_batch_once_in_step_with_each_pass():
     for p in ("packed", "unpacked"):  # each pass's batches in their own order
         idx = [i for q, i in order if q == p]
         assert idx == sorted(idx)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_run_measured_lets_a_chatty_child_finish_and_reports_a_failure(tmp_path):
+    """Its output goes to a file: 1 MB of it would fill a pipe that nobody reads until the child ends."""
+    from bench_memory_flat import run_measured
+
+    peak, out = run_measured([sys.executable, "-c", "print('x' * 2**20); print('end')"], tmp_path / "a.log")
+    assert out.splitlines()[-1] == "end" and peak > 0
+    with pytest.raises(SystemExit, match="boom"):
+        run_measured([sys.executable, "-c", "raise SystemExit('boom')"], tmp_path / "b.log")
+
+
+def test_batch_best_sums_each_batchs_fastest_pass():
+    from bench_packing import batch_best
+
+    assert batch_best([[3.0, 1.0, 2.0], [2.0, 4.0, 2.5]]) == 2.0 + 1.0 + 2.0
