@@ -129,12 +129,6 @@ def _pairs(x: torch.Tensor, B: int) -> torch.Tensor:
     return torch.cat([x[:B], x[B:]], dim=1)
 
 
-def _pair_sum_sq(x: torch.Tensor, B: int) -> torch.Tensor:
-    """x: (2B, L, d) per-token contributions -> (B,) ‖Σ_t x_t‖² over both sides of each pair."""
-    s = x.sum(1, dtype=torch.float64)  # (2B, d)
-    return (s[:B] + s[B:]).pow(2).sum(-1)
-
-
 # A float32 Gram result is redone by instantiating above this condition (see ``_gram_sq``): its error bound,
 # eps × condition = 6e-5 at 500, is then no larger than the error float32 has anyway in forming the
 # gradient itself (‖Gᵀ A‖² instantiated in float32, as autograd's weight gradient is, against float64 from
@@ -386,7 +380,8 @@ class _Sides:
         return _pairs(x, self.B)
 
     def sum_sq(self, x: torch.Tensor) -> torch.Tensor:
-        return _pair_sum_sq(x, self.B)
+        """x: (2B, L, d) per-token contributions -> (B,) ‖Σ_t x_t‖² over both sides of each pair."""
+        return self.combine_sq(x.sum(1, dtype=torch.float64))
 
     def combine_sq(self, s: torch.Tensor) -> torch.Tensor:
         """(2B, d) each row's token sums -> (B,) the squared norm of each pair's sum over both sides."""
@@ -414,7 +409,7 @@ class _Rows:
         return x
 
     def sum_sq(self, x: torch.Tensor) -> torch.Tensor:
-        return x.sum(1, dtype=torch.float64).pow(2).sum(-1)
+        return self.combine_sq(x.sum(1, dtype=torch.float64))
 
     def combine_sq(self, s: torch.Tensor) -> torch.Tensor:
         """(B, d) each row's token sums -> (B,) their squared norms."""
