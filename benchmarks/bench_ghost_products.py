@@ -55,6 +55,13 @@ def hh_shapes(pairs: int, max_length: int) -> list[tuple[int, int]]:
     return [tuple(b.engine_args()["input_ids"].shape) for b in batches if b.packed]
 
 
+def shared_input(rows, a: torch.Tensor, ka: torch.Tensor):
+    """The input of a layer whose token Gram ``ka`` another reader already formed (no pair instantiated at once)."""
+    inp = ghost._Input(rows, a)
+    inp.direct, inp.grams = [False] * len(a), ka
+    return inp
+
+
 def layer_ms(b: int, L: int, d_in: int, d_out: int, shared: int, gen: torch.Generator) -> dict[str, float]:
     """One layer's products at (b pairs, L tokens a row): the training step's, each form of ghost's, the rule's."""
     segments = torch.cat([torch.full((b, L // 2), 1), torch.full((b, L // 4), 2), torch.full((b, L - L // 2 - L // 4), 3)], 1)
@@ -65,9 +72,9 @@ def layer_ms(b: int, L: int, d_in: int, d_out: int, shared: int, gen: torch.Gene
     margin = ghost.GRAM_MARGIN
     try:
         ghost.GRAM_MARGIN = float("inf")
-        out["gram"] = best_ms(lambda: rows.linear_sq(a, g, shared, lambda: ka)) + best_ms(lambda: rows.input_grams(a)) / shared
+        out["gram"] = best_ms(lambda: rows.linear_sq(a, g, shared, shared_input(rows, a, ka))) + best_ms(lambda: rows.input_grams(a)) / shared
         ghost.GRAM_MARGIN = 0.0
-        out["instantiate"] = best_ms(lambda: rows.linear_sq(a, g, shared, lambda: ka))
+        out["instantiate"] = best_ms(lambda: rows.linear_sq(a, g, shared, shared_input(rows, a, ka)))
     finally:
         ghost.GRAM_MARGIN = margin
     gram = L * (d_in / shared + d_out + ghost.GRAM_OVERHEAD) < ghost.GRAM_MARGIN * d_in * d_out
@@ -78,7 +85,7 @@ def layer_ms(b: int, L: int, d_in: int, d_out: int, shared: int, gen: torch.Gene
     try:
         ghost._bmm = lambda x, y: x @ y
         ka = rows.input_grams(a)
-        out["unsplit"] = best_ms(lambda: rows.linear_sq(a, g, shared, lambda: ka))
+        out["unsplit"] = best_ms(lambda: rows.linear_sq(a, g, shared, shared_input(rows, a, ka)))
         if gram:
             out["unsplit"] += best_ms(lambda: rows.input_grams(a)) / shared
     finally:

@@ -44,7 +44,9 @@ def exact_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 def record_into(rows: list):
     """Wrap the Gram-form functions so that each call adds (condition, Gram error, instantiated error)
-    for every pair above condition 30; the engine's own results are untouched."""
+    for every pair above condition 30; the engine's own results are untouched. No pair is instantiated
+    at once (``_RedoForecast``), so that every ill-conditioned pair is seen in the Gram form."""
+    ghost._RedoForecast.direct = lambda self, ratio: [False] * len(self.streak)
     gram_rows, gram_sq = ghost._gram_rows, ghost._gram_sq
 
     def add(cond, gram, a, g):
@@ -55,19 +57,19 @@ def record_into(rows: list):
             if w > 0:
                 rows.append((cond[i].item(), abs(gram[i].item() - w) / w, abs(inst[i].item() - w) / w))
 
-    def rows_fn(a, g, regions, ka=None, spans=None, scratch=None, shared=1, grams=None):
+    def rows_fn(a, g, regions, ka=None, spans=None, scratch=None, redone=None):
         ka_ = ghost._trimmed_grams(a, spans) if ka is None else ka
         prod = (ka_ * ghost._trimmed_grams(g, spans)).double()
         blocks = regions.transpose(1, 2) @ prod @ regions
         total = blocks.sum((1, 2))
         add(blocks.abs().sum((1, 2)) / total.clamp(min=1e-300), total, a, g)
-        return gram_rows(a, g, regions, ka, spans, scratch, shared, grams)
+        return gram_rows(a, g, regions, ka, spans, scratch, redone)
 
-    def sq_fn(aw, al, gw, gl, ka=None, sw=None, sl=None, shared=1, grams=None):
+    def sq_fn(aw, al, gw, gl, ka=None, sw=None, sl=None, redone=None):
         ww, ll, wl = ghost._gram_blocks(ghost._side_grams(aw, al, sw, sl), ghost._side_grams(gw, gl, sw, sl))
         total = ww + ll + 2 * wl
         add((ww + ll + 2 * wl.abs()) / total.clamp(min=1e-300), total, torch.cat([aw, al], 1), torch.cat([gw, gl], 1))
-        return gram_sq(aw, al, gw, gl, ka, sw, sl, shared, grams)
+        return gram_sq(aw, al, gw, gl, ka, sw, sl, redone)
 
     ghost._gram_rows, ghost._gram_sq = rows_fn, sq_fn
 

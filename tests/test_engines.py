@@ -193,6 +193,55 @@ def test_ghost_with_every_pair_redone_equals_loop_float32(kind, pack, padding, m
     assert_norms_match(instantiated.sq_norms, fast.sq_norms, rtol=1e-6, names=ref.names)
 
 
+def test_redo_forecast_instantiates_pairs_redone_layer_after_layer():
+    """_RedoForecast: a pair whose last s Gram-form results were redone is instantiated at once where
+    p = s / (s + 1) > 1 - ratio (the Gram form's cost over the instantiated gradient's), and tried in the
+    Gram form again after s such layers; a pair whose result stood starts again from 0."""
+    from gradscope.gradients.ghost import _RedoForecast
+
+    f = _RedoForecast(3)
+    assert f.direct(0.9) == [False] * 3
+    f.record([False] * 3, {0, 1})  # streaks 1, 1, 0: p = 1/2
+    assert f.direct(0.9) == [True, True, False] and f.direct(0.3) == [False] * 3  # 1/2 > 0.1, not > 0.7
+    f.record([True, True, False], set())
+    assert f.direct(0.9) == [False] * 3  # one layer at once (s = 1): tried again
+    f.record([False] * 3, {0})  # pair 0 redone again (s = 2), pair 1's result stood (s = 0)
+    assert f.streak == [2, 0, 0] and f.direct(0.9) == [True, False, False]
+    f.record([True, False, False], set())
+    assert f.direct(0.9) == [True, False, False]
+    f.record([True, False, False], set())
+    assert f.direct(0.9) == [False] * 3 and f.since == [2, 0, 0]
+    f.record([False] * 3, {0, 1, 2})
+    assert f.streak == [3, 1, 1] and f.direct(0.3) == [True, False, False]  # 3/4 > 0.7
+
+
+@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_ghost_instantiates_at_once_the_pairs_it_keeps_redoing(kind, pack, monkeypatch):
+    """Through the whole engine, every Gram-form result redone (GRAM_COND_MAX < 0): after a pair's first
+    redo the forecast instantiates it at once at most layers, so fewer pairs take the Gram form and are
+    redone than without it, and the norms are the instantiated engine's (the same products)."""
+    import gradscope.gradients.ghost as ghost
+    from gradscope.data import collate_batch
+
+    model = tiny_reward_model(kind, torch.float32)
+    batch = collate_batch(prompt_pairs(seed=4), pack=pack)
+    monkeypatch.setattr(ghost, "GRAM_MARGIN", 0.0)
+    instantiated = ENGINES["ghost"](model, **batch.engine_args())
+    monkeypatch.setattr(ghost, "GRAM_MARGIN", 1e9)
+    monkeypatch.setattr(ghost, "GRAM_COND_MAX", -1.0)
+    calls, redo = [], ghost._redo_sq
+    monkeypatch.setattr(ghost, "_redo_sq", lambda a, g: calls.append(len(a)) or redo(a, g))
+    fast = ENGINES["ghost"](model, **batch.engine_args())
+    with_forecast = len(calls)
+    calls.clear()
+    monkeypatch.setattr(ghost._RedoForecast, "direct", lambda self, ratio: [False] * len(self.streak))
+    without = ENGINES["ghost"](model, **batch.engine_args())
+    assert 0 < with_forecast < len(calls) / 2, (with_forecast, len(calls))
+    for other in (instantiated, without):
+        assert_norms_match(other.sq_norms, fast.sq_norms, rtol=1e-6, names=fast.names)
+
+
 @pytest.mark.parametrize("engine", sorted(ENGINES))
 def test_identical_pairs_are_exactly_zero_in_float32(engine):
     model = tiny_reward_model("llama", torch.float32)

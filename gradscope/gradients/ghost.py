@@ -149,16 +149,54 @@ GRAM_MARGIN = 1.0
 GRAM_OVERHEAD = 256
 
 
+def _sides_gram_ratio(L: int, d_in: int, d_out: int, shared: int = 1) -> float:
+    """Two rows a pair of L tokens each: the Gram form's multiply-adds a pair, 3 L² (d_in / shared + d_out) (the
+    input's Gram shared by ``shared`` layers), over the instantiated gradient's, 2 L d_in d_out."""
+    return 3 * L * (d_in / shared + d_out) / (2 * d_in * d_out)
+
+
+def _rows_gram_ratio(L: int, d_in: int, d_out: int, shared: int = 1) -> float:
+    """One packed row a pair of L tokens: the same ratio, L² (d_in / shared + d_out + GRAM_OVERHEAD) over
+    L d_in d_out."""
+    return L * (d_in / shared + d_out + GRAM_OVERHEAD) / (d_in * d_out)
+
+
 def _sides_gram_cheaper(L: int, d_in: int, d_out: int, shared: int = 1) -> bool:
-    """Two rows a pair of L tokens each: whether the Gram form, 3 L² (d_in / shared + d_out) multiply-adds a
-    pair (the input's Gram shared by ``shared`` layers), is cheaper than instantiating, 2 L d_in d_out."""
-    return 3 * L * (d_in / shared + d_out) < GRAM_MARGIN * 2 * d_in * d_out
+    return _sides_gram_ratio(L, d_in, d_out, shared) < GRAM_MARGIN
 
 
 def _rows_gram_cheaper(L: int, d_in: int, d_out: int, shared: int = 1) -> bool:
-    """One packed row a pair of L tokens: the same choice, L² (d_in / shared + d_out + GRAM_OVERHEAD) against
-    L d_in d_out."""
-    return L * (d_in / shared + d_out + GRAM_OVERHEAD) < GRAM_MARGIN * d_in * d_out
+    return _rows_gram_ratio(L, d_in, d_out, shared) < GRAM_MARGIN
+
+
+class _RedoForecast:
+    """Which pairs of a batch to instantiate at once where the Gram form is cheaper, because their Gram-form
+    result is likely to be redone (``GRAM_COND_MAX``), which costs both forms.
+
+    Pairs whose two sides are nearly the same (RewardBench's reasoning pairs, rejected = chosen with one
+    wrong step) are ill-conditioned at most layers, others at a few top layers or none (over RewardBench's
+    packed batches of 64 pairs, 2026-12-07: four of six pairs of 339 tokens redone at 83 to 90 of 90
+    Gram-form layers; on 64 hh-rlhf pairs, three pairs at one or two). A pair whose last s Gram-form
+    results were all redone is redone again with probability about p = s / (s + 1); trying the Gram form
+    first costs ``ratio`` + p instantiations against 1, so the pair is instantiated at once where
+    p > 1 - ratio, and tried in the Gram form again after s such layers (so a pair whose cancellation
+    fades returns to the cheaper form). Only time depends on the forecast: a pair is either instantiated
+    or takes the Gram form with its condition checked."""
+
+    def __init__(self, pairs: int):
+        self.streak = [0] * pairs  # consecutive Gram-form results redone
+        self.since = [0] * pairs  # instantiations at once since its last Gram-form try
+
+    def direct(self, ratio: float) -> list[bool]:
+        return [s > 0 and s / (s + 1) > 1 - ratio and n < s for s, n in zip(self.streak, self.since)]
+
+    def record(self, direct: list[bool], redone: set[int]) -> None:
+        for i, d in enumerate(direct):
+            if d:
+                self.since[i] += 1
+            else:
+                self.since[i] = 0
+                self.streak[i] = self.streak[i] + 1 if i in redone else 0
 
 
 def _bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -245,7 +283,7 @@ def _redo_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return _sq_norm(g.T @ a)
 
 
-def _gram_sq(aw, al, gw, gl, ka=None, sw=None, sl=None) -> torch.Tensor:
+def _gram_sq(aw, al, gw, gl, ka=None, sw=None, sl=None, redone: list | None = None) -> torch.Tensor:
     """(b, L, d) inputs and output gradients of each side -> (b,) ‖∇W‖² of each pair (``ka``: the
     inputs' Gram blocks, when another layer reading the same input already formed them; ``sw``, ``sl``:
     each side's spans of real tokens, see :func:`_side_grams`).
@@ -254,7 +292,7 @@ def _gram_sq(aw, al, gw, gl, ka=None, sw=None, sl=None) -> torch.Tensor:
     sides' gradients agree, so the rounding error of the result is about eps × (ww + ll + 2|wl|):
     the cancellation is squared, unlike the loop's eps × ‖∇_w‖ ‖∇_w - ∇_l‖. A pair whose
     condition (ww + ll + 2|wl|) / result exceeds ``GRAM_COND_MAX`` is redone by instantiating its
-    gradient over its own tokens (:func:`_redo_sq`)."""
+    gradient over its own tokens (:func:`_redo_sq`); their indices are added to ``redone``."""
     ww, ll, wl = _gram_blocks(ka if ka is not None else _side_grams(aw, al, sw, sl), _side_grams(gw, gl, sw, sl))
     total = ww + ll + 2 * wl
     if aw.dtype != torch.float64:
@@ -262,6 +300,8 @@ def _gram_sq(aw, al, gw, gl, ka=None, sw=None, sl=None) -> torch.Tensor:
         for i in (cond > GRAM_COND_MAX).nonzero().flatten().tolist():
             (s, e), (s2, e2) = (sw[i], sl[i]) if sw is not None else ((0, aw.shape[1]), (0, al.shape[1]))
             total[i] = _redo_sq(torch.cat([aw[i, s:e], al[i, s2:e2]]), torch.cat([gw[i, s:e], gl[i, s2:e2]]))
+            if redone is not None:
+                redone.append(i)
     return total.clamp(min=0)  # exact value ≥ 0; rounding can dip below 0 for identical sides
 
 
@@ -276,47 +316,22 @@ def _sq_norm(w: torch.Tensor) -> torch.Tensor:
     return torch.dot(v, v).double()
 
 
-def _instantiated_sq(a: torch.Tensor, g: torch.Tensor, spans=None, scratch: _Scratch | None = None) -> torch.Tensor:
-    """(b, L, d_in) inputs and (b, L, d_out) output gradients -> (b,) ‖Gᵀ A‖², each pair's (d_out × d_in)
+def _instantiated_sq(a: torch.Tensor, g: torch.Tensor, spans=None, scratch: _Scratch | None = None,
+                     pairs: list[int] | None = None) -> torch.Tensor:
+    """(b, L, d_in) inputs and (b, L, d_out) output gradients -> (b,) ‖Gᵀ A‖² (of the rows ``pairs`` alone,
+    in their order, when given), each pair's (d_out × d_in)
     gradient formed in turn (in one reused buffer) over its own tokens (``spans``: each row's (start,
     end) of real tokens, see :func:`_trimmed_grams`; all L when None). One product per pair, each split
     over all threads, and its norm read while it is still in cache: a chunk of pairs formed at once and
     read after took 7-20% longer than the training step's weight gradient over the same tokens."""
     b, L = a.shape[:2]
+    pairs = range(b) if pairs is None else pairs
     w = None if scratch is None else scratch.get("w", (g.shape[-1], a.shape[-1]), a)
-    out = torch.empty(b, dtype=torch.float64, device=a.device)
-    for i, (s, e) in enumerate(spans if spans is not None else [(0, L)] * b):
+    out = torch.empty(len(pairs), dtype=torch.float64, device=a.device)
+    for k, i in enumerate(pairs):
+        s, e = spans[i] if spans is not None else (0, L)
         w = torch.mm(g[i, s:e].T, a[i, s:e], out=w)
-        out[i] = _sq_norm(w)
-    return out
-
-
-def _linear_sq(a: torch.Tensor, g: torch.Tensor, B: int, shared: int = 1, a_grams=None, spans=None,
-               scratch: _Scratch | None = None) -> torch.Tensor:
-    """a: (2B, L, d_in), g: (2B, L, d_out), rows [chosen; rejected] -> (B,) ‖Σ_t g_t a_tᵀ‖² over the
-    tokens of both sides of each pair, in Gram form or by instantiating, whichever is cheaper. The
-    input's Gram blocks are shared by the ``shared`` layers that read the same input (``a_grams()``
-    forms them once), so each pays 1/shared of them. ``spans``: each of the 2B rows' (start, end) of
-    real tokens, where the batch has padding: each pair's products then run over its own tokens."""
-    sw, sl = (None, None) if spans is None else (spans[:B], spans[B:])
-    L, d_in = a.shape[1], a.shape[2]
-    d_out = g.shape[-1]
-    out = torch.empty(B, dtype=torch.float64, device=a.device)
-    if _sides_gram_cheaper(L, d_in, d_out, shared):
-        # Gram: the (2L × 2L) token Gram matrices in blocks, using the symmetry of the cross block:
-        # Σ(A Aᵀ ⊙ G Gᵀ) = ww + ll + 2 wl; 3 L² (d_in + d_out) MACs per pair
-        ka = a_grams() if a_grams is not None else None
-        step = max(1, MAX_INSTANTIATE // max(1, L * L))
-        for i in range(0, B, step):
-            j = slice(i, i + step)
-            out[j] = _gram_sq(a[:B][j], a[B:][j], g[:B][j], g[B:][j], None if ka is None else [k[j] for k in ka],
-                              None if sw is None else sw[j], None if sl is None else sl[j])
-    else:  # instantiate the (d_out × d_in) pair gradient, 2 L d_in d_out MACs per pair, one pair at a time
-        # (as in _instantiated_sq): its chosen side's product, then its rejected side's added in
-        w = None if scratch is None else scratch.get("w", (d_out, d_in), a)
-        for i, ((s, e), (s2, e2)) in enumerate(zip(sw or [(0, L)] * B, sl or [(0, L)] * B)):
-            w = torch.mm(g[i, s:e].T, a[i, s:e], out=w)
-            out[i] = _sq_norm(w.addmm_(g[B + i, s2:e2].T, a[B + i, s2:e2]))
+        out[k] = _sq_norm(w)
     return out
 
 
@@ -332,14 +347,15 @@ def _embedding_sq(ids: torch.Tensor, g: torch.Tensor, vocab: int) -> torch.Tenso
     return out.index_add_(0, torch.div(uniq, vocab, rounding_mode="floor"), rows.pow(2).sum(1))
 
 
-def _gram_rows(a, g, regions, ka=None, spans=None, scratch: _Scratch | None = None) -> torch.Tensor:
+def _gram_rows(a, g, regions, ka=None, spans=None, scratch: _Scratch | None = None,
+               redone: list | None = None) -> torch.Tensor:
     """Packed rows: (b, L, d) inputs and output gradients, one pair per row -> (b,) ‖Σ_t g_t a_tᵀ‖²
     (``ka``: the inputs' token Gram, when another layer reading the same input already formed it).
 
     As for two sides (``_gram_sq``), the rounding error is about eps × the sum of the absolute
     region-block sums of the token Gram product (regions: prompt, chosen rest, rejected rest; the
     diagonal blocks are squared norms, ≥ 0); a pair whose condition exceeds ``GRAM_COND_MAX`` is
-    redone by instantiating its gradient over its own tokens (:func:`_redo_sq`).
+    redone by instantiating its gradient over its own tokens (:func:`_redo_sq`), its index added to ``redone``.
     regions: (b, L, 3) one-hot, float64; spans: see :func:`_trimmed_grams`."""
     ka = _trimmed_grams(a, spans) if ka is None else ka
     b, L = g.shape[:2]
@@ -353,6 +369,8 @@ def _gram_rows(a, g, regions, ka=None, spans=None, scratch: _Scratch | None = No
         for i in (cond > GRAM_COND_MAX).nonzero().flatten().tolist():
             s, e = spans[i] if spans is not None else (0, L)
             total[i] = _redo_sq(a[i, s:e], g[i, s:e])
+            if redone is not None:
+                redone.append(i)
     return total.clamp(min=0)
 
 
@@ -367,6 +385,43 @@ def _real_spans(real: torch.Tensor) -> list[tuple[int, int]] | None:
     return [(s, s + k) for s, k in zip(start, n)]
 
 
+def _take(x, rows: list[int], n: int):
+    """The rows ``rows`` of a tensor or list of n rows (itself when that is all of them); None stays None."""
+    if x is None or len(rows) == n:
+        return x
+    return x[rows] if isinstance(x, torch.Tensor) else [x[i] for i in rows]
+
+
+class _Input:
+    """The input of one or more linear layers (q, k and v read one; gate and up another): which pairs its
+    readers instantiate at once (:class:`_RedoForecast`, asked by the first reader to take the Gram form,
+    for all of them) and its token Gram over the other pairs, formed once for all readers."""
+
+    def __init__(self, lay, x: torch.Tensor):
+        self.lay, self.x = lay, x
+        self.direct: list[bool] | None = None
+        self.grams = None
+
+    def decide(self, ratio: float) -> list[bool]:
+        if self.direct is None:
+            self.direct = self.lay.forecast.direct(ratio)
+        return self.direct
+
+    def gram_pairs(self) -> list[int]:
+        return [i for i, d in enumerate(self.direct) if not d]
+
+    def token_grams(self):
+        if self.grams is None:
+            self.grams = self.lay.input_grams(self.x, self.gram_pairs())
+        return self.grams
+
+
+def _chunks(n: int, L: int):
+    """Slices of n pairs whose (pairs × L × L) Gram products hold at most MAX_INSTANTIATE elements."""
+    step = max(1, MAX_INSTANTIATE // max(1, L * L))
+    return [slice(i, i + step) for i in range(0, n, step)]
+
+
 class _Sides:
     """Token tensors laid out [chosen; rejected] (2B rows): pair b is rows b and B + b. Given the rows'
     attention mask, each pair's products run over its real tokens alone (:func:`_real_spans`)."""
@@ -375,6 +430,7 @@ class _Sides:
         self.B = B
         self.spans = None if mask is None else _real_spans(mask > 0)
         self.scratch = _Scratch()
+        self.forecast = _RedoForecast(B)
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         return _pairs(x, self.B)
@@ -389,12 +445,60 @@ class _Sides:
 
     gram_cheaper = staticmethod(_sides_gram_cheaper)
 
-    def input_grams(self, a: torch.Tensor):
-        sw, sl = (None, None) if self.spans is None else (self.spans[:self.B], self.spans[self.B:])
-        return _side_grams(a[:self.B], a[self.B:], sw, sl)
+    def side_spans(self, rows: list[int]):
+        """Each side's spans of the pairs ``rows`` (None where the batch has no padding)."""
+        if self.spans is None:
+            return None, None
+        return _take(self.spans[:self.B], rows, self.B), _take(self.spans[self.B:], rows, self.B)
 
-    def linear_sq(self, a: torch.Tensor, g: torch.Tensor, shared: int = 1, a_grams=None) -> torch.Tensor:
-        return _linear_sq(a, g, self.B, shared, a_grams, self.spans, self.scratch)
+    def input_grams(self, a: torch.Tensor, rows: list[int] | None = None):
+        """The token Gram blocks (w·w, l·l, w·l) of the pairs ``rows`` (all when None), in their order."""
+        rows = list(range(self.B)) if rows is None else rows
+        return _side_grams(_take(a[:self.B], rows, self.B), _take(a[self.B:], rows, self.B), *self.side_spans(rows))
+
+    def linear_sq(self, a: torch.Tensor, g: torch.Tensor, shared: int = 1, inp: _Input | None = None) -> torch.Tensor:
+        """a: (2B, L, d_in), g: (2B, L, d_out), rows [chosen; rejected] -> (B,) ‖Σ_t g_t a_tᵀ‖² over the
+        tokens of both sides of each pair, in Gram form or by instantiating, whichever is cheaper. The
+        input's Gram blocks are shared by the ``shared`` layers that read the same input (``inp``), so
+        each pays 1/shared of them; pairs likely to be redone are instantiated at once (:class:`_RedoForecast`)."""
+        B, L, d_in = self.B, a.shape[1], a.shape[2]
+        ratio = _sides_gram_ratio(L, d_in, g.shape[-1], shared)
+        if ratio >= GRAM_MARGIN:
+            return self._instantiated_sq(a, g, range(B))
+        inp = inp or _Input(self, a)
+        direct = inp.decide(ratio)
+        out = torch.empty(B, dtype=torch.float64, device=a.device)
+        inst, rows = [i for i in range(B) if direct[i]], inp.gram_pairs()
+        if inst:
+            out[inst] = self._instantiated_sq(a, g, inst)
+        redone = []
+        if rows:
+            # Gram: the (2L × 2L) token Gram matrices in blocks, using the symmetry of the cross block:
+            # Σ(A Aᵀ ⊙ G Gᵀ) = ww + ll + 2 wl; 3 L² (d_in + d_out) MACs per pair
+            ka, (sw, sl) = inp.token_grams(), self.side_spans(rows)
+            aw, al, gw, gl = (_take(x, rows, B) for x in (a[:B], a[B:], g[:B], g[B:]))
+            res = torch.empty(len(rows), dtype=torch.float64, device=a.device)
+            for j in _chunks(len(rows), L):
+                found = []
+                res[j] = _gram_sq(aw[j], al[j], gw[j], gl[j], [k[j] for k in ka], None if sw is None else sw[j],
+                                  None if sl is None else sl[j], found)
+                redone += [rows[j.start + i] for i in found]
+            out[rows] = res
+        self.forecast.record(direct, set(redone))
+        return out
+
+    def _instantiated_sq(self, a: torch.Tensor, g: torch.Tensor, pairs) -> torch.Tensor:
+        """(len(pairs),) the pairs' norms by instantiating each (d_out × d_in) pair gradient, 2 L d_in d_out MACs
+        a pair, one at a time (as in :func:`_instantiated_sq`): its chosen side's product, then its
+        rejected side's added in."""
+        B, L = self.B, a.shape[1]
+        w = self.scratch.get("w", (g.shape[-1], a.shape[-1]), a)
+        out = torch.empty(len(pairs), dtype=torch.float64, device=a.device)
+        for k, i in enumerate(pairs):
+            (s, e), (s2, e2) = (self.spans[i], self.spans[B + i]) if self.spans is not None else ((0, L), (0, L))
+            w = torch.mm(g[i, s:e].T, a[i, s:e], out=w)
+            out[k] = _sq_norm(w.addmm_(g[B + i, s2:e2].T, a[B + i, s2:e2]))
+        return out
 
 
 class _Rows:
@@ -404,6 +508,7 @@ class _Rows:
         self.regions = torch.nn.functional.one_hot((segments - 1).clamp(min=0), 3).double()  # (B, L, 3)
         self.spans = _real_spans(segments > 0)
         self.scratch = _Scratch()
+        self.forecast = _RedoForecast(segments.shape[0])
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -417,24 +522,36 @@ class _Rows:
 
     gram_cheaper = staticmethod(_rows_gram_cheaper)
 
-    def input_grams(self, a: torch.Tensor):
-        return _trimmed_grams(a, self.spans)
+    def input_grams(self, a: torch.Tensor, rows: list[int] | None = None):
+        """The token Gram of the rows ``rows`` (all when None), in their order."""
+        rows = list(range(len(a))) if rows is None else rows
+        return _trimmed_grams(_take(a, rows, len(a)), _take(self.spans, rows, len(a)))
 
-    def linear_sq(self, a: torch.Tensor, g: torch.Tensor, shared: int = 1, a_grams=None) -> torch.Tensor:
+    def linear_sq(self, a: torch.Tensor, g: torch.Tensor, shared: int = 1, inp: _Input | None = None) -> torch.Tensor:
         """Gram form (L² (d_in / shared + d_out) MACs per pair, the input's Gram shared as in
-        ``_linear_sq``) or the instantiated gradient (L d_in d_out), whichever is cheaper, with the
-        same margin as ``_linear_sq``."""
+        ``_Sides.linear_sq``) or the instantiated gradient (L d_in d_out), whichever is cheaper, with the
+        same margin and the same forecast of redone pairs as ``_Sides.linear_sq``."""
         B, L, d_in = a.shape
-        d_out = g.shape[-1]
-        if not _rows_gram_cheaper(L, d_in, d_out, shared):
+        ratio = _rows_gram_ratio(L, d_in, g.shape[-1], shared)
+        if ratio >= GRAM_MARGIN:
             return _instantiated_sq(a, g, self.spans, self.scratch)
+        inp = inp or _Input(self, a)
+        direct = inp.decide(ratio)
         out = torch.empty(B, dtype=torch.float64, device=a.device)
-        ka = a_grams() if a_grams is not None else None
-        step = max(1, MAX_INSTANTIATE // max(1, L * L))
-        for i in range(0, B, step):
-            j = slice(i, i + step)
-            out[j] = _gram_rows(a[j], g[j], self.regions[j], None if ka is None else ka[j],
-                                None if self.spans is None else self.spans[j], self.scratch)
+        inst, rows = [i for i in range(B) if direct[i]], inp.gram_pairs()
+        if inst:
+            out[inst] = _instantiated_sq(a, g, self.spans, self.scratch, inst)
+        redone = []
+        if rows:
+            ka, spans = inp.token_grams(), _take(self.spans, rows, B)
+            a, g, regions = _take(a, rows, B), _take(g, rows, B), _take(self.regions, rows, B)
+            res = torch.empty(len(rows), dtype=torch.float64, device=a.device)
+            for j in _chunks(len(rows), L):
+                found = []
+                res[j] = _gram_rows(a[j], g[j], regions[j], ka[j], None if spans is None else spans[j], self.scratch, found)
+                redone += [rows[j.start + i] for i in found]
+            out[rows] = res
+        self.forecast.record(direct, set(redone))
         return out
 
 
@@ -460,12 +577,12 @@ class _Recorder:
         self.leaves: list[torch.Tensor] = []
         self.recording = True  # off after the forward: the norm rule calls modules again
         # layers that read the same input tensor (q, k and v; gate and up) share its token Gram: how
-        # many read each input (counted in the forward), their output widths, and the Gram while some
-        # have yet to use it
+        # many read each input (counted in the forward), their output widths, and the input (its Gram,
+        # which pairs are instantiated at once) while some have yet to use it
         self.readers: dict[tuple, int] = {}
         self.reader_widths: dict[tuple, list[int]] = {}
         self.unread: dict[tuple, int] = {}
-        self.input_grams: dict[tuple, object] = {}
+        self.inputs: dict[tuple, _Input] = {}
 
     def close(self):
         for h in self.handles:
@@ -496,15 +613,11 @@ class _Recorder:
 
         return hook
 
-    def _shared_grams(self, key: tuple, lay, xs: torch.Tensor):
-        """The token Gram of the input ``key``, formed by the first of its readers that wants it and kept
-        until the last has run (:meth:`_read`)."""
-        def get():
-            if key not in self.input_grams:
-                self.input_grams[key] = lay.input_grams(xs)
-            return self.input_grams[key]
-
-        return get
+    def _shared_input(self, key: tuple, lay, xs: torch.Tensor) -> _Input:
+        """The input ``key`` as its readers share it, kept until the last has run (:meth:`_read`)."""
+        if key not in self.inputs:
+            self.inputs[key] = _Input(lay, xs)
+        return self.inputs[key]
 
     def _gram_sharers(self, key: tuple, lay, L: int, d_in: int) -> int:
         """How many of the readers of input ``key`` take the Gram form, and so share its input Gram: the
@@ -522,7 +635,7 @@ class _Recorder:
     def _read(self, key: tuple) -> None:
         self.unread[key] -= 1
         if self.unread[key] == 0:
-            self.input_grams.pop(key, None)
+            self.inputs.pop(key, None)
 
     def _grad_hook(self, name: str, mod: nn.Module, rule: str, x: torch.Tensor, key: tuple | None = None):
         def on_grad(g: torch.Tensor):
@@ -550,7 +663,7 @@ class _Recorder:
                 else:
                     # each reader that takes the Gram form pays its share of the input's Gram
                     shared = self._gram_sharers(key, lay, xs.shape[1], xs.shape[-1])
-                    self._add(name, "weight", lay.linear_sq(xs, gs, shared, self._shared_grams(key, lay, xs)))
+                    self._add(name, "weight", lay.linear_sq(xs, gs, shared, self._shared_input(key, lay, xs)))
                     self._read(key)
                 if getattr(mod, "bias", None) is not None:
                     self._add(name, "bias", lay.sum_sq(gs))
