@@ -280,7 +280,25 @@ def _redo_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     multiply-add: on three of RewardBench's packed batches of 339-664 tokens, whose reasoning pairs
     (near-identical sides) are redone at most MLP layers, it took 3.0 s of a 24 s ghost pass; redone
     this way the pass took 21.1 s against the training step's 20.7 s (fastest of 3, alternating)."""
-    return _sq_norm(g.T @ a)
+    return _sq_norm(_pair_grad(a, g))
+
+
+def _pair_grad(a: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None = None, add: bool = False) -> torch.Tensor:
+    """a: (n, d_in), g: (n, d_out) -> the gradient Σ_t g_t a_tᵀ, as (d_out × d_in) or its transpose,
+    whichever has the wider side as rows (its norm is the same): on this CPU the product runs up to 10%
+    faster so, as fast as the training step's weight gradient over the same tokens (2 threads, 2026-12-07:
+    3 pairs of 531 tokens, down_proj 1536 → 576: 15.1 ms as (576 × 1536), 14.5 ms as (1536 × 576), the
+    training step's 14.4 ms; k_proj 576 → 192: 1.91 ms as (192 × 576), 1.81 ms, 1.82 ms). Given ``out``
+    of that shape, written there, or added to it (``add``)."""
+    x, y = (a, g) if a.shape[-1] > g.shape[-1] else (g, a)
+    if add:
+        return out.addmm_(x.T, y)
+    return torch.mm(x.T, y, out=out) if out is not None else x.T @ y
+
+
+def _grad_shape(d_in: int, d_out: int) -> tuple[int, int]:
+    """The shape :func:`_pair_grad` forms a (d_out × d_in) gradient in."""
+    return (max(d_in, d_out), min(d_in, d_out))
 
 
 def _gram_sq(aw, al, gw, gl, ka=None, sw=None, sl=None, redone: list | None = None) -> torch.Tensor:
@@ -326,11 +344,11 @@ def _instantiated_sq(a: torch.Tensor, g: torch.Tensor, spans=None, scratch: _Scr
     read after took 7-20% longer than the training step's weight gradient over the same tokens."""
     b, L = a.shape[:2]
     pairs = range(b) if pairs is None else pairs
-    w = None if scratch is None else scratch.get("w", (g.shape[-1], a.shape[-1]), a)
+    w = None if scratch is None else scratch.get("w", _grad_shape(a.shape[-1], g.shape[-1]), a)
     out = torch.empty(len(pairs), dtype=torch.float64, device=a.device)
     for k, i in enumerate(pairs):
         s, e = spans[i] if spans is not None else (0, L)
-        w = torch.mm(g[i, s:e].T, a[i, s:e], out=w)
+        w = _pair_grad(a[i, s:e], g[i, s:e], w)
         out[k] = _sq_norm(w)
     return out
 
@@ -492,12 +510,12 @@ class _Sides:
         a pair, one at a time (as in :func:`_instantiated_sq`): its chosen side's product, then its
         rejected side's added in."""
         B, L = self.B, a.shape[1]
-        w = self.scratch.get("w", (g.shape[-1], a.shape[-1]), a)
+        w = self.scratch.get("w", _grad_shape(a.shape[-1], g.shape[-1]), a)
         out = torch.empty(len(pairs), dtype=torch.float64, device=a.device)
         for k, i in enumerate(pairs):
             (s, e), (s2, e2) = (self.spans[i], self.spans[B + i]) if self.spans is not None else ((0, L), (0, L))
-            w = torch.mm(g[i, s:e].T, a[i, s:e], out=w)
-            out[k] = _sq_norm(w.addmm_(g[B + i, s2:e2].T, a[B + i, s2:e2]))
+            w = _pair_grad(a[i, s:e], g[i, s:e], w)
+            out[k] = _sq_norm(_pair_grad(a[B + i, s2:e2], g[B + i, s2:e2], w, add=True))
         return out
 
 
