@@ -14,8 +14,9 @@ norm without ever building the per-pair gradient. Write ``a_t`` for a layer's in
 
   or ``‖Gᵀ A‖²`` by instantiating the (d_out × d_in) pair gradient (O(2T·d_in·d_out)); we take
   whichever costs fewer FLOPs for that layer and length (the Gram form squares the cancellation between the
-  two sides, so ill-conditioned pairs are redone by instantiating, see ``_gram_sq``). The cross terms between chosen and
-  rejected tokens are included, as they must be: that is where the two sequences' gradients
+  two sides, so ill-conditioned pairs are redone by instantiating, see ``_gram_sq``, and a pair redone
+  layer after layer is instantiated at once, see ``_RedoForecast``). The cross terms between chosen
+  and rejected tokens are included, as they must be: that is where the two sequences' gradients
   cancel. ``∇c = Σ_t g_t``.
 * Embedding: ``∇E[v] = Σ_{t: id_t = v} g_t``; contributions of equal token ids are summed before
   the square (a scatter-add per pair, O(2T·d)). The row ``padding_idx`` never gets a gradient
