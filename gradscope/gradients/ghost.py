@@ -338,8 +338,8 @@ def _sq_norm(w: torch.Tensor) -> torch.Tensor:
 def _instantiated_sq(a: torch.Tensor, g: torch.Tensor, spans=None, scratch: _Scratch | None = None,
                      pairs: list[int] | None = None) -> torch.Tensor:
     """(b, L, d_in) inputs and (b, L, d_out) output gradients -> (b,) ‖Gᵀ A‖² (of the rows ``pairs`` alone,
-    in their order, when given), each pair's (d_out × d_in)
-    gradient formed in turn (in one reused buffer) over its own tokens (``spans``: each row's (start,
+    in their order, when given), each pair's gradient (:func:`_pair_grad`)
+    formed in turn (in one reused buffer) over its own tokens (``spans``: each row's (start,
     end) of real tokens, see :func:`_trimmed_grams`; all L when None). One product per pair, each split
     over all threads, and its norm read while it is still in cache: a chunk of pairs formed at once and
     read after took 7-20% longer than the training step's weight gradient over the same tokens."""
@@ -507,9 +507,9 @@ class _Sides:
         return out
 
     def _instantiated_sq(self, a: torch.Tensor, g: torch.Tensor, pairs) -> torch.Tensor:
-        """(len(pairs),) the pairs' norms by instantiating each (d_out × d_in) pair gradient, 2 L d_in d_out MACs
-        a pair, one at a time (as in :func:`_instantiated_sq`): its chosen side's product, then its
-        rejected side's added in."""
+        """(len(pairs),) the pairs' norms by instantiating each pair gradient (:func:`_pair_grad`), 2 L d_in
+        d_out MACs a pair, one at a time (as in :func:`_instantiated_sq`): its chosen side's product,
+        then its rejected side's added in."""
         B, L = self.B, a.shape[1]
         w = self.scratch.get("w", _grad_shape(a.shape[-1], g.shape[-1]), a)
         out = torch.empty(len(pairs), dtype=torch.float64, device=a.device)
