@@ -215,15 +215,19 @@ def test_redo_forecast_instantiates_pairs_redone_layer_after_layer():
     assert f.streak == [3, 1, 1] and f.direct(0.3) == [True, False, False]  # 3/4 > 0.7
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("pack", [False, True])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_ghost_instantiates_at_once_the_pairs_it_keeps_redoing(kind, pack, monkeypatch):
+def test_ghost_instantiates_at_once_the_pairs_it_keeps_redoing(kind, pack, chunked, monkeypatch):
     """Through the whole engine, every Gram-form result redone (GRAM_COND_MAX < 0): after a pair's first
     redo the forecast instantiates it at once at most layers, so fewer pairs take the Gram form and are
-    redone than without it, and the norms are the instantiated engine's (the same products)."""
+    redone than without it, and the norms are the instantiated engine's (the same products); also with
+    the Gram form run one pair a chunk (MAX_INSTANTIATE 1), where each chunk's redone pairs map back."""
     import gradscope.gradients.ghost as ghost
     from gradscope.data import collate_batch
 
+    if chunked:
+        monkeypatch.setattr(ghost, "MAX_INSTANTIATE", 1)
     model = tiny_reward_model(kind, torch.float32)
     batch = collate_batch(prompt_pairs(seed=4), pack=pack)
     monkeypatch.setattr(ghost, "GRAM_MARGIN", 0.0)

@@ -435,10 +435,29 @@ class _Input:
         return self.grams
 
 
-def _chunks(n: int, L: int):
-    """Slices of n pairs whose (pairs × L × L) Gram products hold at most MAX_INSTANTIATE elements."""
-    step = max(1, MAX_INSTANTIATE // max(1, L * L))
-    return [slice(i, i + step) for i in range(0, n, step)]
+def _forecast_split(lay, inp: _Input, B: int, L: int, ratio: float, instantiate, gram) -> torch.Tensor:
+    """(B,) each pair's ‖∇W‖², where the Gram form is the cheaper (``ratio`` < GRAM_MARGIN): the pairs the
+    forecast picks by ``instantiate(pairs)``, the others in the Gram form: ``gram(rows)`` takes the pairs
+    ``rows`` and gives ``chunk(j, redone)``, the Gram form over their slice j (chunks whose
+    (pairs × L × L) products hold at most MAX_INSTANTIATE elements), adding the chunk's redone pairs
+    to ``redone``; then the forecast learns which were redone."""
+    direct = inp.decide(ratio)
+    out = torch.empty(B, dtype=torch.float64, device=inp.x.device)
+    inst, rows = [i for i in range(B) if direct[i]], inp.gram_pairs()
+    if inst:
+        out[inst] = instantiate(inst)
+    redone: list[int] = []
+    if rows:
+        step = max(1, MAX_INSTANTIATE // max(1, L * L))
+        res = torch.empty(len(rows), dtype=torch.float64, device=out.device)
+        chunk = gram(rows)
+        for i in range(0, len(rows), step):
+            j, found = slice(i, i + step), []
+            res[j] = chunk(j, found)
+            redone += [rows[i + k] for k in found]
+        out[rows] = res
+    lay.forecast.record(direct, set(redone))
+    return out
 
 
 class _Sides:
@@ -485,26 +504,16 @@ class _Sides:
         if ratio >= GRAM_MARGIN:
             return self._instantiated_sq(a, g, range(B))
         inp = inp or _Input(self, a)
-        direct = inp.decide(ratio)
-        out = torch.empty(B, dtype=torch.float64, device=a.device)
-        inst, rows = [i for i in range(B) if direct[i]], inp.gram_pairs()
-        if inst:
-            out[inst] = self._instantiated_sq(a, g, inst)
-        redone = []
-        if rows:
-            # Gram: the (2L × 2L) token Gram matrices in blocks, using the symmetry of the cross block:
+
+        def gram(rows):
+            # the (2L × 2L) token Gram matrices in blocks, using the symmetry of the cross block:
             # Σ(A Aᵀ ⊙ G Gᵀ) = ww + ll + 2 wl; 3 L² (d_in + d_out) MACs per pair
             ka, (sw, sl) = inp.token_grams(), self.side_spans(rows)
             aw, al, gw, gl = (_take(x, rows, B) for x in (a[:B], a[B:], g[:B], g[B:]))
-            res = torch.empty(len(rows), dtype=torch.float64, device=a.device)
-            for j in _chunks(len(rows), L):
-                found = []
-                res[j] = _gram_sq(aw[j], al[j], gw[j], gl[j], [k[j] for k in ka], None if sw is None else sw[j],
-                                  None if sl is None else sl[j], found)
-                redone += [rows[j.start + i] for i in found]
-            out[rows] = res
-        self.forecast.record(direct, set(redone))
-        return out
+            return lambda j, redone: _gram_sq(aw[j], al[j], gw[j], gl[j], [k[j] for k in ka],
+                                              None if sw is None else sw[j], None if sl is None else sl[j], redone)
+
+        return _forecast_split(self, inp, B, L, ratio, lambda pairs: self._instantiated_sq(a, g, pairs), gram)
 
     def _instantiated_sq(self, a: torch.Tensor, g: torch.Tensor, pairs) -> torch.Tensor:
         """(len(pairs),) the pairs' norms by instantiating each pair gradient (:func:`_pair_grad`), 2 L d_in
@@ -555,23 +564,15 @@ class _Rows:
         if ratio >= GRAM_MARGIN:
             return _instantiated_sq(a, g, self.spans, self.scratch)
         inp = inp or _Input(self, a)
-        direct = inp.decide(ratio)
-        out = torch.empty(B, dtype=torch.float64, device=a.device)
-        inst, rows = [i for i in range(B) if direct[i]], inp.gram_pairs()
-        if inst:
-            out[inst] = _instantiated_sq(a, g, self.spans, self.scratch, inst)
-        redone = []
-        if rows:
+
+        def gram(rows):
             ka, spans = inp.token_grams(), _take(self.spans, rows, B)
-            a, g, regions = _take(a, rows, B), _take(g, rows, B), _take(self.regions, rows, B)
-            res = torch.empty(len(rows), dtype=torch.float64, device=a.device)
-            for j in _chunks(len(rows), L):
-                found = []
-                res[j] = _gram_rows(a[j], g[j], regions[j], ka[j], None if spans is None else spans[j], self.scratch, found)
-                redone += [rows[j.start + i] for i in found]
-            out[rows] = res
-        self.forecast.record(direct, set(redone))
-        return out
+            ar, gr, regions = _take(a, rows, B), _take(g, rows, B), _take(self.regions, rows, B)
+            return lambda j, redone: _gram_rows(ar[j], gr[j], regions[j], ka[j], None if spans is None else spans[j],
+                                                self.scratch, redone)
+
+        return _forecast_split(self, inp, B, L, ratio, lambda pairs: _instantiated_sq(a, g, self.spans, self.scratch, pairs),
+                               gram)
 
 
 class _Recorder:
