@@ -435,7 +435,7 @@ class _Input:
         return self.grams
 
 
-def _forecast_split(lay, inp: _Input, B: int, L: int, ratio: float, instantiate, gram) -> torch.Tensor:
+def _forecast_split(inp: _Input, B: int, L: int, ratio: float, instantiate, gram) -> torch.Tensor:
     """(B,) each pair's ‖∇W‖², where the Gram form is the cheaper (``ratio`` < GRAM_MARGIN): the pairs the
     forecast picks by ``instantiate(pairs)``, the others in the Gram form: ``gram(rows)`` takes the pairs
     ``rows`` and gives ``chunk(j, redone)``, the Gram form over their slice j (chunks whose
@@ -456,7 +456,7 @@ def _forecast_split(lay, inp: _Input, B: int, L: int, ratio: float, instantiate,
             res[j] = chunk(j, found)
             redone += [rows[i + k] for k in found]
         out[rows] = res
-    lay.forecast.record(direct, set(redone))
+    inp.lay.forecast.record(direct, set(redone))
     return out
 
 
@@ -513,7 +513,7 @@ class _Sides:
             return lambda j, redone: _gram_sq(aw[j], al[j], gw[j], gl[j], [k[j] for k in ka],
                                               None if sw is None else sw[j], None if sl is None else sl[j], redone)
 
-        return _forecast_split(self, inp, B, L, ratio, lambda pairs: self._instantiated_sq(a, g, pairs), gram)
+        return _forecast_split(inp, B, L, ratio, lambda pairs: self._instantiated_sq(a, g, pairs), gram)
 
     def _instantiated_sq(self, a: torch.Tensor, g: torch.Tensor, pairs) -> torch.Tensor:
         """(len(pairs),) the pairs' norms by instantiating each pair gradient (:func:`_pair_grad`), 2 L d_in
@@ -571,7 +571,7 @@ class _Rows:
             return lambda j, redone: _gram_rows(ar[j], gr[j], regions[j], ka[j], None if spans is None else spans[j],
                                                 self.scratch, redone)
 
-        return _forecast_split(self, inp, B, L, ratio, lambda pairs: _instantiated_sq(a, g, self.spans, self.scratch, pairs),
+        return _forecast_split(inp, B, L, ratio, lambda pairs: _instantiated_sq(a, g, self.spans, self.scratch, pairs),
                                gram)
 
 
